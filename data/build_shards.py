@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""Build challenge-format token shards from any text, and optionally train the tokenizer first.
+
+Documents:
+  * .jsonl: one JSON object per line; the document is its "text" field (blank lines are skipped).
+  * .txt:   documents are separated by one or more blank lines (a paragraph is a document).
+  * a directory: every .txt/.jsonl file below it, in sorted path order.
+
+Output (what train_gpt.py reads): DIR/fineweb_val_000000.bin, DIR/fineweb_train_000000.bin, ...
+Each file is a 256 x int32 header (magic 20240520, version 1, token count) followed by the tokens
+as uint16. Every document is BOS + its tokens (no EOS); documents run on across shard boundaries.
+Validation is the first --val-docs documents of --input (default 50,000, like the challenge), or the
+documents of --val-input (all of them, or its first --val-docs). Training is every other document.
+
+Examples:
+  python data/build_shards.py --input text/*.jsonl --tokenizer tok.model --output data/datasets/mine
+  python data/build_shards.py --input corpus/ --tokenizer data/tokenizers/my_4096_bpe.model \
+      --train-tokenizer 4096 --val-docs 1000 --output data/datasets/mine_sp4096
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+MAGIC, VERSION = 20240520, 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+BOS_ID = 1
+SHARD_TOKENS = 100_000_000
+VAL_DOCS = 50_000
+MAX_VOCAB = 1 << 16  # token ids are stored as uint16, so ids must stay <= 65535
+DATA_DIR = Path(__file__).resolve().parent
+SHARD_NAME = re.compile(r"fineweb_(train|val)_\d{6}\.bin")
+BATCH_DOCS, BATCH_CHARS = 256, 1 << 20  # per worker task: big enough to amortise IPC, small in memory
+
+
+class BuildError(Exception):
+    """A problem with the input, tokenizer or output, reported to the user without a traceback."""
+
+
+# ---- shard files ---------------------------------------------------------------------------------
+
+def shard_header(num_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, num_tokens
+    return header.tobytes()
+
+
+def write_shard(path: str | Path, tokens) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= MAX_VOCAB):
+        raise BuildError(f"{path}: token ids must fit in uint16")
+    with open(path, "wb") as f:
+        f.write(shard_header(tokens.size))
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Return the tokens of a shard, checking its header and exact size."""
+    path = Path(path)
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header.size != HEADER_INTS or header[0] != MAGIC or header[1] != VERSION:
+        raise BuildError(f"{path}: not a shard (bad header)")
+    n, size = int(header[2]), path.stat().st_size
+    if size != HEADER_BYTES + 2 * n:
+        raise BuildError(f"{path}: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes) but file has {size} bytes")
+    return np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
+
+
+class ShardWriter:
+    """Streams one split into shards of exactly `shard_tokens` tokens (the last one may be shorter)."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int):
+        self.dir, self.split, self.cap = directory, split, shard_tokens
+        self.paths: list[Path] = []
+        self.file, self.fill = None, 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self.file is None:
+                self.paths.append(self.dir / f"fineweb_{self.split}_{len(self.paths):06d}.bin")
+                self.file, self.fill = open(self.paths[-1], "wb"), 0
+                self.file.write(bytes(HEADER_BYTES))  # real header written once the count is known
+            take = min(self.cap - self.fill, tokens.size)
+            self.file.write(tokens[:take].astype("<u2", copy=False).tobytes())
+            self.fill += take
+            tokens = tokens[take:]
+            if self.fill == self.cap:
+                self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.write(shard_header(self.fill))
+            self.file.close()
+            self.file = None
+
+
+# ---- documents -----------------------------------------------------------------------------------
+
+def input_files(paths: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl") and q.is_file())
+            if not found:
+                raise BuildError(f"{p}: directory contains no .txt or .jsonl files")
+            files += found
+        elif p.is_file():
+            if p.suffix not in (".txt", ".jsonl"):
+                raise BuildError(f"{p}: unsupported file type (expected .txt or .jsonl)")
+            files.append(p)
+        else:
+            raise BuildError(f"{p}: no such file or directory")
+    return files
+
+
+def read_documents(files: Iterable[Path]) -> Iterator[str]:
+    """Yield documents one at a time (streaming: never holds a whole file)."""
+    for path in files:
+        try:
+            with open(path, "rb") as f:  # decoded line by line so errors name the exact line
+                if path.suffix == ".jsonl":
+                    for lineno, raw in enumerate(f, 1):
+                        line = _decode(raw, path, lineno)
+                        if line.strip():
+                            yield _jsonl_text(line, path, lineno)
+                else:
+                    para: list[str] = []
+                    for lineno, raw in enumerate(f, 1):
+                        line = _decode(raw, path, lineno).rstrip("\r\n")
+                        if line.strip():
+                            para.append(line)
+                        elif para:
+                            yield "\n".join(para)
+                            para = []
+                    if para:
+                        yield "\n".join(para)
+        except OSError as e:
+            raise BuildError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BuildError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl_text(line: str, path: Path, lineno: int) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BuildError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise BuildError(f'{path}: line {lineno}: no string "text" field')
+    return obj["text"]
+
+
+def split_documents(inputs, val_inputs=None, val_docs: int | None = None) -> Iterator[tuple[str, str]]:
+    """Yield ("val" | "train", document): validation first, then training, split by whole documents."""
+    train_files = input_files(inputs)
+    val_files = input_files(val_inputs) if val_inputs else []
+    if val_files:
+        docs = read_documents(val_files)
+        val = docs if val_docs is None else itertools.islice(docs, val_docs)
+        train = read_documents(train_files)
+    else:
+        train = read_documents(train_files)
+        val = itertools.islice(train, VAL_DOCS if val_docs is None else val_docs)  # then train continues
+    yield from (("val", d) for d in val)
+    yield from (("train", d) for d in train)
+
+
+def batches(tagged_docs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """Group documents into (split, texts) tasks; a batch never mixes the two splits."""
+    split, texts, chars = None, [], 0
+    for s, doc in tagged_docs:
+        if texts and (s != split or len(texts) >= BATCH_DOCS or chars >= BATCH_CHARS):
+            yield split, texts
+            texts, chars = [], 0
+        split = s
+        texts.append(doc)
+        chars += len(doc)
+    if texts:
+        yield split, texts
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+def load_tokenizer(model: str | Path) -> spm.SentencePieceProcessor:
+    if not Path(model).is_file():
+        raise BuildError(f"{model}: tokenizer model not found")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+    except (OSError, RuntimeError) as e:
+        raise BuildError(f"{model}: not a SentencePiece model ({e})") from None
+    check_vocab_size(sp.vocab_size())
+    if sp.bos_id() != BOS_ID:
+        raise BuildError(f"{model}: BOS id is {sp.bos_id()}, the challenge format needs {BOS_ID}")
+    return sp
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size > MAX_VOCAB - 1:  # the challenge's rule: a vocab over 65,535 is refused
+        raise BuildError(f"vocab size {vocab_size} is over 65,535, the largest these uint16 shards accept")
+
+
+def train_tokenizer(docs: Iterable[str], model: str | Path, vocab_size: int, max_lines: int = 5_000_000) -> Path:
+    """Train a SentencePiece BPE model with the challenge's settings and write MODEL (+ .vocab)."""
+    check_vocab_size(vocab_size)
+    model = Path(model)
+    if model.suffix != ".model":
+        raise BuildError(f"{model}: tokenizer path must end in .model")
+    try:
+        model.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".spm-", dir=model.parent))
+    except OSError as e:
+        raise BuildError(f"cannot write tokenizer to {model.parent} ({e.strerror or e})") from None
+    # Lines, not whole documents: nmt_nfkc turns newlines into spaces and pieces never cross a space,
+    # so this loses nothing and keeps every sentence under SentencePiece's length limit.
+    lines = (ln for doc in docs for ln in doc.splitlines() if ln.strip())
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_prefix=str(tmp / "m"), model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.9995, max_sentence_length=16384,
+            input_sentence_size=max_lines, shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+            minloglevel=2)
+        os.replace(tmp / "m.vocab", model.with_suffix(".vocab"))
+        os.replace(tmp / "m.model", model)  # last, so MODEL only appears once complete
+    except RuntimeError as e:
+        raise BuildError(f"tokenizer training failed: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+# ---- encoding (runs in worker processes) ---------------------------------------------------------
+
+_SP: spm.SentencePieceProcessor | None = None
+
+
+def _init_worker(model: str) -> None:
+    global _SP
+    _SP = spm.SentencePieceProcessor(model_file=model)
+
+
+def encode_batch(texts: list[str]) -> tuple[np.ndarray, int]:
+    """BOS + tokens for each document, concatenated; also the batch's UTF-8 byte count."""
+    flat: list[int] = []
+    for ids in _SP.encode(texts):
+        flat.append(BOS_ID)
+        flat += ids
+    return np.array(flat, dtype=np.uint16), sum(len(t.encode("utf-8")) for t in texts)
+
+
+def ordered_map(fn, tasks: Iterable[tuple[str, list[str]]], model: str, workers: int):
+    """Yield (split, len(texts), fn(texts)) in input order with at most a few tasks in flight,
+    so memory stays bounded however large the input (Pool.imap would read ahead without limit)."""
+    if workers <= 1:
+        _init_worker(model)
+        for split, texts in tasks:
+            yield split, len(texts), fn(texts)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(model,)) as pool:
+        pending: collections.deque = collections.deque()
+        for split, texts in tasks:
+            pending.append((split, len(texts), pool.apply_async(fn, (texts,))))
+            if len(pending) >= 4 * workers:
+                split0, n0, res = pending.popleft()
+                yield split0, n0, res.get()
+        while pending:
+            split0, n0, res = pending.popleft()
+            yield split0, n0, res.get()
+
+
+# ---- build ---------------------------------------------------------------------------------------
+
+def build(inputs, tokenizer, output, *, val_inputs=None, val_docs: int | None = None,
+          shard_tokens: int = SHARD_TOKENS, workers: int | None = None, progress: bool = True) -> dict:
+    """Tokenize documents into OUTPUT/fineweb_{val,train}_NNNNNN.bin and return per-split statistics.
+
+    Shards are written to a hidden staging directory inside OUTPUT and moved into place only after
+    everything succeeded, so a failure never leaves a partial shard under a final name."""
+    if shard_tokens < 1:
+        raise BuildError("--shard-tokens must be positive")
+    load_tokenizer(tokenizer)  # validate before reading any input
+    tasks = batches(split_documents(inputs, val_inputs, val_docs))
+    output = Path(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=output))
+    except OSError as e:
+        raise BuildError(f"cannot write to output directory {output} ({e.strerror or e})") from None
+    stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "shards": 0} for s in ("val", "train")}
+    try:
+        writers = {s: ShardWriter(staging, s, shard_tokens) for s in stats}
+        results = ordered_map(encode_batch, tasks, str(tokenizer), workers or os.cpu_count() or 1)
+        with tqdm(unit="doc", file=sys.stderr, disable=not progress, desc="tokenizing") as bar:
+            for split, n_docs, (tokens, n_bytes) in results:
+                writers[split].write(tokens)
+                st = stats[split]
+                st["docs"] += n_docs
+                st["tokens"] += tokens.size
+                st["bytes"] += n_bytes
+                bar.update(n_docs)
+                bar.set_postfix(split=split, tokens=f"{st['tokens']:,}", refresh=False)
+        for s, w in writers.items():
+            w.close()
+            stats[s]["shards"] = len(w.paths)
+        if stats["val"]["docs"] == 0:
+            raise BuildError("no validation documents (the input is empty)")
+        if stats["train"]["docs"] == 0:
+            raise BuildError(f"no training documents: all {stats['val']['docs']} went to validation "
+                             "(lower --val-docs or use --val-input)")
+        for old in output.iterdir():  # never mix with shards of an earlier build
+            if SHARD_NAME.fullmatch(old.name):
+                old.unlink()
+        for w in writers.values():
+            for p in w.paths:
+                os.replace(p, output / p.name)
+    except OSError as e:
+        raise BuildError(f"cannot write shards to {output} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stats
+
+
+def summary(stats: dict) -> str:
+    lines = []
+    for split, st in stats.items():
+        text_tokens = st["tokens"] - st["docs"]  # minus one BOS per document
+        bpt = st["bytes"] / text_tokens if text_tokens else float("nan")
+        lines.append(f"{split:>5}: {st['docs']:,} documents, {st['tokens']:,} tokens incl. BOS "
+                     f"in {st['shards']} shard(s), {st['bytes']:,} UTF-8 bytes, {bpt:.3f} bytes/token")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    head, body = __doc__.split("\n\n", 1)
+    ap = argparse.ArgumentParser(description=head, epilog=body, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt/.jsonl files or directories")
+    ap.add_argument("--tokenizer", required=True, metavar="MODEL",
+                    help="SentencePiece .model (written if --train-tokenizer)")
+    ap.add_argument("--output", metavar="DIR", help="default: data/datasets/fineweb10B_sp<VOCAB>_sample")
+    ap.add_argument("--val-input", nargs="+", metavar="PATH", help="take validation documents from here instead")
+    ap.add_argument("--val-docs", type=int, metavar="N",
+                    help=f"validation documents (default {VAL_DOCS:,} from --input; all of --val-input)")
+    ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, metavar="N")
+    ap.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                    help="first train a BPE tokenizer of this size on the training documents, written to MODEL")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.val_docs is not None and args.val_docs < 0:
+        ap.error("--val-docs must be >= 0")
+    t0 = time.time()
+    try:
+        if args.train_tokenizer:
+            docs = (d for s, d in split_documents(args.input, args.val_input, args.val_docs) if s == "train")
+            print(f"training a {args.train_tokenizer}-piece BPE tokenizer ...", file=sys.stderr)
+            train_tokenizer(docs, args.tokenizer, args.train_tokenizer)
+            print(f"wrote {args.tokenizer} ({time.time() - t0:.1f}s)")
+        vocab = load_tokenizer(args.tokenizer).vocab_size()
+        output = args.output or DATA_DIR / "datasets" / f"fineweb10B_sp{vocab}_sample"
+        stats = build(args.input, args.tokenizer, output, val_inputs=args.val_input, val_docs=args.val_docs,
+                      shard_tokens=args.shard_tokens, workers=args.workers, progress=not args.no_progress)
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary(stats))
+    print(f"wrote {output} in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny tokenizer and tiny shards made here (no download, no ../shared), and a tiny
+configuration of train_gpt.py that trains in seconds on CPU."""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("the of and to in is was for on that with as by at from his her it an are were which be this had "
+         "river mountain city garden winter summer music science history water light stone market "
+         "école naïve café 東京 3.14 2024 #tag α-β").split()
+
+
+def make_text(n_docs: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sents = []
+        for _ in range(rng.randint(2, 6)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+            sents.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sents))
+    return docs
+
+
+def write_shard(path: Path, tokens) -> None:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("tok")
+    (d / "text.txt").write_text("\n".join(make_text(400, 0)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(d / "text.txt"), model_prefix=str(d / "tiny"), model_type="bpe", vocab_size=320,
+        byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.9995, minloglevel=2)
+    return d / "tiny.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_tokenizer, tmp_path_factory):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer))
+    d = tmp_path_factory.mktemp("data")
+    def stream(docs):
+        out = []
+        for doc in docs:
+            out += [1] + sp.encode(doc)
+        return out
+    train = stream(make_text(600, 1))
+    half = len(train) // 2
+    write_shard(d / "fineweb_train_000000.bin", train[:half])
+    write_shard(d / "fineweb_train_000001.bin", train[half:])
+    write_shard(d / "fineweb_val_000000.bin", stream(make_text(40, 2)))
+    return d
+
+
+def tiny_env(tokenizer, data, **over) -> dict:
+    env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), VOCAB_SIZE="320", NUM_LAYERS="3", MODEL_DIM="32",
+               NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", ROPE_DIMS="4", XSA_LAST_N="2", BIGRAM_VOCAB_SIZE="64",
+               BIGRAM_DIM="16", VE_DIM="8", VE_LAYERS="1,2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", EVAL_STRIDE="8",
+               TRAIN_BATCH_TOKENS="1024", ITERATIONS="12", WARMUP_STEPS="2", WARMDOWN_ITERS="6",
+               MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="4",
+               MATRIX_LR="0.02", SCALAR_LR="0.02", TIED_EMBED_LR="0.05", SWA_EVERY="2", SWA_START_LR="0.6",
+               GPTQ_CALIB_BATCHES="2", EVAL_BATCH_SEQS="16", TTT_CHUNK_TOKENS="256", TTT_EPOCHS="1",
+               TTT_BATCH_SEQS="4", TTT_LR="0.01", EMA_DECAY="0.9", RUN_ID="tiny", SEED="7")
+    env.update({k: str(v) for k, v in over.items()})
+    return env
+
+
+def run_script(tmp_path, env: dict, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full.update(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    script = str(ROOT / "train_gpt.py")
+    cmd = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=timeout)

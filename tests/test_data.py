@@ -1,0 +1,428 @@
+"""Tests for data/build_shards.py and data/cached_challenge_fineweb.py (issue 5).
+
+Everything is made here: a small synthetic corpus, a tokenizer trained on it by the tool, and a fake
+Hugging Face Hub for the downloader. Nothing is read from outside the temporary directories.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+sys.path.insert(0, str(DATA))
+import build_shards as bs  # noqa: E402
+import cached_challenge_fineweb as dl  # noqa: E402
+
+VOCAB = 400
+WORDS = ["".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=2 + i % 7)) for i in range(300)]
+
+
+def make_doc(rng: random.Random) -> str:
+    sents = []
+    for _ in range(rng.randint(1, 8)):
+        words = rng.choices(WORDS, k=rng.randint(3, 20))
+        if rng.random() < 0.3:
+            words.append(str(rng.randint(0, 99999)))
+        if rng.random() < 0.1:
+            words.append(rng.choice(["café", "naïve", "“quoted”", "Zürich"]))
+        sents.append(" ".join(words).capitalize() + ".")
+    return "\n".join(sents) if rng.random() < 0.3 else " ".join(sents)
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    return path
+
+
+def stream(sp, docs) -> np.ndarray:
+    """The expected token stream, computed independently of the tool: BOS + ids per document."""
+    out: list[int] = []
+    for d in docs:
+        out += [1] + sp.encode(d)
+    return np.array(out, dtype=np.uint16)
+
+
+def shards(directory: Path, split: str) -> list[Path]:
+    return sorted(directory.glob(f"fineweb_{split}_*.bin"))
+
+
+def read_split(directory: Path, split: str) -> np.ndarray:
+    return np.concatenate([bs.read_shard(p) for p in shards(directory, split)])
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Shards under final names or staging left behind in `directory`."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(("fineweb_", ".build-")))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [make_doc(rng) for _ in range(240)]
+    val_docs = [make_doc(rng) for _ in range(12)]
+    model = bs.train_tokenizer(iter(docs), root / "tok" / "tiny_bpe.model", VOCAB)
+    return {"root": root, "docs": docs, "val_docs": val_docs, "model": model,
+            "jsonl": write_jsonl(root / "train.jsonl", docs), "val_jsonl": write_jsonl(root / "val.jsonl", val_docs),
+            "sp": spm.SentencePieceProcessor(model_file=str(model))}
+
+
+@pytest.fixture(scope="session")
+def built(corpus, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("built")
+    stats = bs.build([corpus["jsonl"]], corpus["model"], out, val_docs=7, shard_tokens=997, workers=1, progress=False)
+    return {"out": out, "stats": stats}
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+def test_trained_tokenizer_has_challenge_settings(corpus):
+    sp = corpus["sp"]
+    assert sp.vocab_size() == VOCAB
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert [sp.id_to_piece(4 + b) for b in range(256)] == [f"<0x{b:02X}>" for b in range(256)]
+    assert sp.id_to_piece(260) not in ("<0xFF>", "<unk>")  # merges follow the byte pieces
+    # byte fallback: a character never seen in training becomes its UTF-8 bytes, not <unk>
+    ids = sp.encode("龘")
+    assert ids == [4 + b for b in "龘".encode("utf-8")] and sp.decode(ids) == "龘"
+    assert sp.encode("99999 00000", out_type=str) == list("99999") + ["▁", *"00000"]  # split digits
+    assert not sp.encode("abc", out_type=str)[0].startswith("▁")  # no dummy prefix ...
+    assert sp.encode("x abc", out_type=str)[1].startswith("▁")  # ... though inner spaces do become ▁
+    assert sp.encode("ﬁ") == sp.encode("fi")  # nmt_nfkc
+
+
+def test_vocab_over_uint16_is_refused(corpus, tmp_path):
+    bs.check_vocab_size(65535)
+    with pytest.raises(bs.BuildError, match="uint16"):
+        bs.check_vocab_size(65536)
+    with pytest.raises(bs.BuildError, match="uint16"):
+        bs.train_tokenizer(iter(corpus["docs"]), tmp_path / "big.model", 70000)
+    assert not (tmp_path / "big.model").exists()
+
+
+def test_tokenizer_training_failure_is_clear_and_leaves_no_model(tmp_path):
+    with pytest.raises(bs.BuildError, match="tokenizer training failed"):
+        bs.train_tokenizer(iter(["tiny text only"]), tmp_path / "t.model", 5000)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- shards --------------------------------------------------------------------------------------
+
+def test_shards_round_trip(corpus, built):
+    out, sp, docs = built["out"], corpus["sp"], corpus["docs"]
+    for split, expected in (("val", stream(sp, docs[:7])), ("train", stream(sp, docs[7:]))):
+        paths = shards(out, split)
+        assert [p.name for p in paths] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(paths))]
+        counts = []
+        for p in paths:
+            header = np.fromfile(p, dtype="<i4", count=256)
+            assert header[0] == 20240520 and header[1] == 1 and not header[3:].any()
+            assert p.stat().st_size == 1024 + 2 * int(header[2])
+            counts.append(int(header[2]))
+        assert all(c == 997 for c in counts[:-1]) and 0 < counts[-1] <= 997
+        assert sum(counts) == expected.size == built["stats"][split]["tokens"]
+        np.testing.assert_array_equal(read_split(out, split), expected)
+    assert built["stats"]["train"]["shards"] > 2  # documents really ran across shard boundaries
+
+
+def test_document_boundaries_are_exactly_one_bos(corpus, built):
+    sp, train_docs = corpus["sp"], corpus["docs"][7:]
+    tokens = read_split(built["out"], "train")
+    assert 2 not in tokens  # no EOS
+    starts = np.flatnonzero(tokens == 1)
+    assert starts[0] == 0 and len(starts) == len(train_docs) == built["stats"]["train"]["docs"]
+    for doc, piece in zip(train_docs, np.split(tokens, starts[1:])):
+        assert piece[0] == 1 and piece[1:].tolist() == sp.encode(doc)
+
+
+def test_validation_split_is_by_document(corpus, tmp_path):
+    sp, docs, val_docs = corpus["sp"], corpus["docs"], corpus["val_docs"]
+    # from a separate file: all of it, then only its first 3 documents; training keeps every input doc
+    for n, expected in ((None, val_docs), (3, val_docs[:3])):
+        out = tmp_path / f"v{n}"
+        stats = bs.build([corpus["jsonl"]], corpus["model"], out, val_inputs=[corpus["val_jsonl"]],
+                         val_docs=n, shard_tokens=10**6, workers=2, progress=False)
+        assert stats["val"]["docs"] == len(expected) and stats["train"]["docs"] == len(docs)
+        np.testing.assert_array_equal(read_split(out, "val"), stream(sp, expected))
+        np.testing.assert_array_equal(read_split(out, "train"), stream(sp, docs))
+
+
+def test_workers_and_cli_give_identical_shards(corpus, built, tmp_path):
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, str(DATA / "build_shards.py"), "--input", str(corpus["jsonl"]),
+                        "--tokenizer", str(corpus["model"]), "--output", str(out), "--val-docs", "7",
+                        "--shard-tokens", "997", "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(corpus['docs']) - 7:,} documents" in r.stdout and "bytes/token" in r.stdout
+    names = [p.name for p in shards(built["out"], "*")]
+    assert names == [p.name for p in shards(out, "*")]
+    for name in names:
+        assert (out / name).read_bytes() == (built["out"] / name).read_bytes()
+
+
+def test_txt_paragraphs_and_directories(corpus, tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("First para\nstill first.\n\n\n  \nSecond para.\n\nThird", encoding="utf-8")
+    write_jsonl(d / "sub" / "b.jsonl", ["json doc one", "json doc two"])
+    (d / "ignored.csv").write_text("x,y\n")
+    docs = ["First para\nstill first.", "Second para.", "Third", "json doc one", "json doc two"]
+    assert list(bs.read_documents(bs.input_files([d]))) == docs
+    stats = bs.build([d], corpus["model"], tmp_path / "out", val_docs=2, workers=1, progress=False)
+    assert (stats["val"]["docs"], stats["train"]["docs"]) == (2, 3)
+    np.testing.assert_array_equal(read_split(tmp_path / "out", "train"), stream(corpus["sp"], docs[2:]))
+
+
+def test_rebuild_replaces_old_shards(corpus, tmp_path):
+    out = tmp_path / "out"
+    bs.build([corpus["jsonl"]], corpus["model"], out, val_docs=7, shard_tokens=500, workers=1, progress=False)
+    assert len(shards(out, "train")) > 3
+    bs.build([corpus["jsonl"]], corpus["model"], out, val_docs=7, shard_tokens=10**6, workers=1, progress=False)
+    assert leftovers(out) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "empty": (b"", "empty"),
+    "missing_text": (b'{"text": "fine"}\n{"body": "no text here"}\n', 'line {n}: no string "text" field'),
+    "invalid_json": (b'{"text": "fine"}\n{"text": \n', "line {n}: invalid JSON"),
+    "undecodable": (b'{"text": "fine"}\n{"text": "caf\xe9 \xff"}\n', "line {n}: not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_clear_error_and_no_shards(corpus, tmp_path, case):
+    content, message = BAD_INPUTS[case]
+    bad = tmp_path / "bad.jsonl"
+    # the bad line comes after many good documents, so shards were already written when it is read
+    bad.write_bytes(corpus["jsonl"].read_bytes() + content if case != "empty" else content)
+    out = tmp_path / "out"
+    with pytest.raises(bs.BuildError) as err:
+        bs.build([bad], corpus["model"], out, val_docs=7, shard_tokens=500, workers=2, progress=False)
+    assert message.format(n=len(corpus["docs"]) + 2) in str(err.value) and (case == "empty" or "bad.jsonl" in str(err.value))
+    assert leftovers(out) == []
+
+
+def test_failed_build_keeps_previous_dataset_intact(corpus, built, tmp_path):
+    out = tmp_path / "out"
+    bs.build([corpus["jsonl"]], corpus["model"], out, val_docs=7, shard_tokens=997, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"good paragraph\n\nbad \xc3\x28 bytes\n")
+    with pytest.raises(bs.BuildError, match="bad.txt: line 3: not valid UTF-8"):
+        bs.build([bad], corpus["model"], out, val_docs=1, workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_other_bad_arguments(corpus, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(bs.BuildError, match="cannot write to output directory"):
+        bs.build([corpus["jsonl"]], corpus["model"], blocker / "out", val_docs=7, workers=1, progress=False)
+    with pytest.raises(bs.BuildError, match="no such file"):
+        bs.build([tmp_path / "missing.jsonl"], corpus["model"], tmp_path / "o1", progress=False)
+    with pytest.raises(bs.BuildError, match="no training documents"):
+        bs.build([corpus["val_jsonl"]], corpus["model"], tmp_path / "o2", val_docs=100, workers=1, progress=False)
+    with pytest.raises(bs.BuildError, match="not a SentencePiece model"):
+        bs.build([corpus["jsonl"]], blocker, tmp_path / "o3", progress=False)
+    for d in ("o1", "o2"):
+        assert not (tmp_path / d).exists() or leftovers(tmp_path / d) == []
+
+
+def test_cli_error_and_tokenizer_training(corpus, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "oops"}\n')
+    cmd = [sys.executable, str(DATA / "build_shards.py"), "--no-progress", "--tokenizer"]
+    r = subprocess.run(cmd + [str(corpus["model"]), "--input", str(bad), "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and 'bad.jsonl: line 2: no string "text" field' in r.stderr
+    assert "Traceback" not in r.stderr and leftovers(tmp_path / "o") == []
+    # train a tokenizer from the training documents and build with it, in one command
+    model = tmp_path / "tok" / "new_360_bpe.model"
+    r = subprocess.run(cmd + [str(model), "--train-tokenizer", "360", "--input", str(corpus["jsonl"]),
+                              "--val-input", str(corpus["val_jsonl"]), "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert sp.vocab_size() == 360 and sp.bos_id() == 1
+    np.testing.assert_array_equal(read_split(tmp_path / "o", "val"), stream(sp, corpus["val_docs"]))
+
+
+# ---- download (against a fake hub) ---------------------------------------------------------------
+
+class FakeHub:
+    """Stands in for HubFetcher: serves `files`, resumes from a partial file in staging like
+    huggingface_hub does, and can be told to drop the connection halfway through a file."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.calls, self.resumed_at, self.cut, self.offline = dict(files), [], {}, set(), False
+
+    def fetch(self, remote: str, staging: Path) -> Path:
+        self.calls.append(remote)
+        if self.offline:
+            raise dl.OfflineError("cannot reach the Hugging Face Hub: you seem to be offline")
+        if remote not in self.files:
+            raise dl.DownloadError(f"{remote} not found")
+        data, part, final = self.files[remote], staging / ".incomplete" / remote, staging / remote
+        part.parent.mkdir(parents=True, exist_ok=True)
+        have = part.stat().st_size if part.exists() else 0
+        self.resumed_at[remote] = have
+        with open(part, "ab") as f:
+            if remote in self.cut:
+                self.cut.discard(remote)
+                f.write(data[have:len(data) // 2])
+                raise dl.OfflineError("connection lost")
+            f.write(data[have:])
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+        return final
+
+
+def shard_bytes(tokens) -> bytes:
+    return bs.shard_header(len(tokens)) + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+def hub_files(root="root", with_files_table=True) -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    d = "datasets/fineweb10B_sp64"
+    blobs = {f"{d}/fineweb_val_{i:06d}.bin": shard_bytes(rng.integers(0, 64, 300 + i)) for i in range(2)}
+    blobs.update({f"{d}/fineweb_train_{i:06d}.bin": shard_bytes(rng.integers(0, 64, 500 + i)) for i in range(3)})
+    blobs["tokenizers/fineweb_64_bpe.model"] = b"model-bytes" * 10
+    blobs["tokenizers/fineweb_64_bpe.vocab"] = b"vocab\n" * 5
+    manifest = {
+        "datasets": [{"name": "fineweb10B_sp64", "tokenizer_name": "sp_bpe_64",
+                      "stats": {"files_train": 3, "files_val": 2}}],
+        "tokenizers": [{"name": "sp_bpe_64", "model_path": "tokenizers/fineweb_64_bpe.model",
+                        "vocab_path": "tokenizers/fineweb_64_bpe.vocab"}],
+    }
+    if with_files_table:
+        manifest["files"] = {k: {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()} for k, v in blobs.items()}
+    blobs["manifest.json"] = json.dumps(manifest).encode()
+    return {f"{root}/{k}": v for k, v in blobs.items()}
+
+
+WANTED = ["datasets/fineweb10B_sp64/fineweb_val_000000.bin", "datasets/fineweb10B_sp64/fineweb_val_000001.bin",
+          "datasets/fineweb10B_sp64/fineweb_train_000000.bin", "datasets/fineweb10B_sp64/fineweb_train_000001.bin",
+          "tokenizers/fineweb_64_bpe.model", "tokenizers/fineweb_64_bpe.vocab"]
+
+
+def get(hub, data_dir, train_shards=2):
+    return dl.download("sp64", train_shards, fetcher=hub, data_dir=data_dir, remote_root="root", progress=False)
+
+
+def assert_complete(hub, data_dir):
+    for rel in WANTED:
+        assert (data_dir / rel).read_bytes() == hub.files[f"root/{rel}"]
+    assert not (data_dir / "datasets/fineweb10B_sp64/fineweb_train_000002.bin").exists()
+    assert not (data_dir / "datasets/.staging").exists()
+
+
+def test_download_fresh_then_already_complete(tmp_path):
+    hub = FakeHub(hub_files())
+    assert get(hub, tmp_path) == [tmp_path / rel for rel in WANTED]
+    assert_complete(hub, tmp_path)
+    assert hub.calls == ["root/manifest.json"] + [f"root/{rel}" for rel in WANTED]
+    hub.calls.clear()
+    get(hub, tmp_path)  # second run: only the manifest is refreshed
+    assert hub.calls == ["root/manifest.json"]
+    hub.calls.clear()
+    get(hub, tmp_path, train_shards=3)  # asking for more fetches just the new shard
+    assert hub.calls[1:] == ["root/datasets/fineweb10B_sp64/fineweb_train_000002.bin"]
+
+
+def test_download_resumes_after_interruption(tmp_path):
+    hub = FakeHub(hub_files())
+    cut = "root/datasets/fineweb10B_sp64/fineweb_train_000001.bin"
+    hub.cut.add(cut)
+    with pytest.raises(dl.OfflineError):
+        get(hub, tmp_path)
+    assert (tmp_path / WANTED[2]).exists() and not (tmp_path / WANTED[3]).exists()  # nothing partial in place
+    hub.calls.clear()
+    get(hub, tmp_path)
+    assert hub.calls == ["root/manifest.json", cut] + [f"root/{rel}" for rel in WANTED[4:]]
+    assert hub.resumed_at[cut] == len(hub.files[cut]) // 2 > 0
+    assert_complete(hub, tmp_path)
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_download_rejects_truncated_shard(tmp_path, table):
+    hub = FakeHub(hub_files(with_files_table=table))
+    bad = "root/datasets/fineweb10B_sp64/fineweb_train_000000.bin"
+    good = hub.files[bad]
+    hub.files[bad] = good[:-2]
+    with pytest.raises(dl.DownloadError, match="size mismatch" if table else "truncated"):
+        get(hub, tmp_path)
+    assert not (tmp_path / WANTED[2]).exists() and not list(tmp_path.rglob("fineweb_train_000000.bin"))
+    hub.files[bad] = good  # the hub is fixed: a re-run completes
+    get(hub, tmp_path)
+    assert_complete(hub, tmp_path)
+
+
+def test_download_checks_manifest_size_and_hash(tmp_path):
+    hub = FakeHub(hub_files())
+    model = "root/tokenizers/fineweb_64_bpe.model"
+    hub.files[model] = b"x" + hub.files[model][1:]  # same size, different content
+    with pytest.raises(dl.DownloadError, match="sha256 mismatch"):
+        get(hub, tmp_path)
+    assert not (tmp_path / "tokenizers/fineweb_64_bpe.model").exists()
+    hub.files[model] += b"extra"
+    with pytest.raises(dl.DownloadError, match="size mismatch"):
+        get(hub, tmp_path)
+
+
+def test_download_replaces_corrupt_local_file(tmp_path):
+    hub = FakeHub(hub_files(with_files_table=False))
+    get(hub, tmp_path)
+    target = tmp_path / WANTED[0]
+    target.write_bytes(target.read_bytes()[:-10])  # e.g. an interrupted manual copy
+    hub.calls.clear()
+    get(hub, tmp_path)
+    assert hub.calls == ["root/manifest.json", f"root/{WANTED[0]}"]
+    assert_complete(hub, tmp_path)
+
+
+def test_download_offline(tmp_path):
+    hub = FakeHub(hub_files())
+    hub.offline = True
+    with pytest.raises(dl.OfflineError, match="offline"):
+        get(hub, tmp_path)
+    assert not list(tmp_path.rglob("*.bin"))
+    hub.offline = False
+    get(hub, tmp_path)
+    hub.offline, hub.calls = True, []
+    get(hub, tmp_path)  # everything is already here: offline is fine
+    assert hub.calls == ["root/manifest.json"]
+    with pytest.raises(dl.OfflineError):
+        get(hub, tmp_path, train_shards=3)  # but a missing shard cannot be fetched
+
+
+def test_download_bad_requests(tmp_path):
+    hub = FakeHub(hub_files())
+    with pytest.raises(dl.DownloadError, match="only 3 training shards"):
+        get(hub, tmp_path, train_shards=4)
+    with pytest.raises(dl.DownloadError, match="fineweb10B_sp99 is not in the manifest"):
+        dl.download("sp99", 1, fetcher=hub, data_dir=tmp_path, remote_root="root", progress=False)
+    with pytest.raises(dl.DownloadError, match="not found"):
+        dl.download("sp64", 1, fetcher=hub, data_dir=tmp_path, remote_root="elsewhere", progress=False)
+
+
+def test_download_cli_offline_uses_real_hub_client(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               MATCHED_FINEWEB_REPO_ID="someone/some-repo")
+    r = subprocess.run([sys.executable, str(DATA / "cached_challenge_fineweb.py"), "--variant", "sp1024",
+                        "--train-shards", "1", "--data-dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "offline" in r.stderr and "someone/some-repo" in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.rglob("*.bin")) and not (tmp_path / "d/datasets/manifest.json").exists()

@@ -1,0 +1,54 @@
+"""End to end on CPU: train -> calibrate -> pack -> reload -> roundtrip, sliding and legal TTT."""
+import os
+import re
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_script, tiny_env
+
+
+def metric(log: str, name: str) -> tuple[float, float]:
+    m = re.search(rf"^{name} val_loss:([\d.]+) val_bpb:([\d.]+)", log, re.M)
+    assert m, f"no {name} line in log"
+    return float(m.group(1)), float(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_tokenizer, tiny_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    env = tiny_env(tiny_tokenizer, tiny_data, ITERATIONS=30, VAL_LOSS_EVERY=10, DUMP_TOKEN_NLL=d / "nll.npy")
+    r = run_script(d, env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return d, env, (d / "logs" / "tiny.txt").read_text()
+
+
+def test_validation_loss_falls(trained):
+    _, _, log = trained
+    vals = [float(v) for v in re.findall(r"^step:\d+/30 val_loss:([\d.]+)", log, re.M)]
+    assert len(vals) == 4 and vals[-1] < vals[0] - 0.3, vals
+
+
+def test_log_has_lineage_lines_and_proves_bytes(trained):
+    d, _, log = trained
+    for pat in (r"^model_params:\d+", r"^hparam:SEED=7$", r"^attention_backend:sdpa", r"^ema_swa:blend swa_weight:0.5 swa_count:[1-9]",
+                r"^gptq:calibration end train_time:\d+ms tokens:\d+", r"^final_int6_roundtrip_exact ", r"^quant_gap val_bpb:",
+                r"^final_int6_sliding_window val_loss:[\d.]+ val_bpb:[\d.]+ stride:8 eval_time:\d+ms",
+                r"^legal_ttt_exact ", r"^final_eval_time:"):
+        assert re.search(pat, log, re.M), pat
+    total = int(re.search(r"^Total submission size int6\+\w+: (\d+) bytes", log, re.M).group(1))
+    assert total == os.path.getsize(d / "final_model.int6.ptz") + os.path.getsize(ROOT / "train_gpt.py")
+    assert log.startswith('"""Parameter Golf training script')
+
+
+def test_eval_artifact_reproduces_numbers(trained, tmp_path):
+    d, env, log = trained
+    env = dict(env, EVAL_ARTIFACT=str(d / "final_model.int6.ptz"), RUN_ID="re", DUMP_TOKEN_NLL=str(tmp_path / "nll.npy"))
+    r = run_script(tmp_path, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    relog = (tmp_path / "logs" / "re.txt").read_text()
+    for name in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
+        assert metric(relog, name) == metric(log, name)
+    assert "step:" not in relog.split("=" * 100)[-1]  # no training happened
+    a, b = np.load(d / "nll.npy"), np.load(tmp_path / "nll.npy")
+    assert a.dtype == np.float32 and np.array_equal(a, b) and (a > 0).all()

@@ -1,0 +1,1510 @@
+"""Parameter Golf training script: 11-layer GQA GPT -> full-GPTQ int6 artifact -> sliding + score-first TTT eval.
+
+Launch: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (CUDA, bf16, compile, NCCL), or
+`python train_gpt.py` as one process (CPU: fp32, SDPA, no compile). Sections run in pipeline order:
+config -> data -> tokenizer/bpb -> model -> optimizers -> training -> quantize/pack -> evaluation -> main.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import glob
+import json
+import lzma
+import math
+import os
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+# (env var, type, default). Defaults are the record configuration of the seed submissions.
+HPARAMS = [
+    ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024"),
+    ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model"),
+    ("RUN_ID", str, ""),
+    ("SEED", int, 1337),
+    ("VOCAB_SIZE", int, 1024),
+    ("NUM_LAYERS", int, 11),
+    ("MODEL_DIM", int, 512),
+    ("NUM_HEADS", int, 8),
+    ("NUM_KV_HEADS", int, 4),
+    ("MLP_MULT", float, 3.0),
+    ("LOGIT_SOFTCAP", float, 30.0),
+    ("ROPE_BASE", float, 10000.0),
+    ("ROPE_DIMS", int, 16),
+    ("LN_SCALE", bool, True),
+    ("QK_GAIN_INIT", float, 1.5),
+    ("TIED_EMBED_INIT_STD", float, 0.005),
+    ("XSA_LAST_N", int, 4),
+    ("BIGRAM_VOCAB_SIZE", int, 3072),
+    ("BIGRAM_DIM", int, 128),
+    ("VE_ENABLED", bool, True),
+    ("VE_DIM", int, 128),
+    ("VE_LAYERS", str, "9,10"),
+    ("TRAIN_SEQ_LEN", int, 2048),
+    ("TRAIN_BATCH_TOKENS", int, 786_432),
+    ("ITERATIONS", int, 20_000),
+    ("WARMUP_STEPS", int, 20),
+    ("WARMDOWN_ITERS", int, 3500),
+    ("MAX_WALLCLOCK_SECONDS", float, 600.0),
+    ("GPTQ_RESERVE_SECONDS", float, 12.0),
+    ("VAL_LOSS_EVERY", int, 4000),
+    ("TRAIN_LOG_EVERY", int, 500),
+    ("MATRIX_LR", float, 0.025),
+    ("SCALAR_LR", float, 0.025),
+    ("TIED_EMBED_LR", float, 0.035),
+    ("MUON_MOMENTUM", float, 0.99),
+    ("MUON_MOMENTUM_WARMUP_START", float, 0.92),
+    ("MUON_MOMENTUM_WARMUP_STEPS", int, 1500),
+    ("MUON_BACKEND_STEPS", int, 5),
+    ("MUON_WD", float, 0.04),
+    ("ADAM_WD", float, 0.04),
+    ("BETA1", float, 0.9),
+    ("BETA2", float, 0.95),
+    ("ADAM_EPS", float, 1e-8),
+    ("GRAD_CLIP_NORM", float, 0.3),
+    ("EMA_DECAY", float, 0.997),
+    ("SWA_EVERY", int, 50),
+    ("SWA_START_LR", float, 0.2),
+    ("SWA_WEIGHT", float, 0.5),
+    ("GPTQ_CALIB_BATCHES", int, 16),
+    ("GPTQ_BLOCK_SIZE", int, 128),
+    ("GPTQ_DAMP", float, 0.01),
+    ("SIZE_CAP_BYTES", int, 16_000_000),
+    ("ARTIFACT_PATH", str, "final_model.int6.ptz"),
+    ("EVAL_ARTIFACT", str, ""),
+    ("EVAL_SEQ_LEN", int, 2048),
+    ("EVAL_STRIDE", int, 64),
+    ("EVAL_BATCH_SEQS", int, 32),
+    ("EVAL_BUDGET_SECONDS", float, 600.0),
+    ("DUMP_TOKEN_NLL", str, ""),
+    ("TTT_ENABLED", bool, True),
+    ("TTT_OPTIMIZER", str, "sgd"),
+    ("TTT_LR", float, 0.002),
+    ("TTT_EPOCHS", int, 3),
+    ("TTT_CHUNK_TOKENS", int, 32_768),
+    ("TTT_FREEZE_BLOCKS", int, 0),
+    ("TTT_MOMENTUM", float, 0.9),
+    ("TTT_BATCH_SEQS", int, 32),
+    ("TTT_GRAD_CLIP", float, 1.0),
+]
+# Env vars with these prefixes must be ours: a typo (TTT_EPOCH=1) fails instead of being ignored.
+OWN_PREFIXES = ("MUON_", "ADAM_", "TTT_", "EMA_", "SWA_", "GPTQ_", "XSA_", "BIGRAM_", "VE_", "ROPE_",
+                "EVAL_", "QAT_", "LATE_QAT", "TRAIN_", "VAL_")
+CHOICES = {"TTT_OPTIMIZER": ("sgd", "adamw")}
+
+
+def _parse(name: str, typ: type, raw: str):
+    try:
+        if typ is bool:
+            if raw.strip().lower() not in ("0", "1", "true", "false"):
+                raise ValueError(raw)
+            return raw.strip().lower() in ("1", "true")
+        return typ(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {typ.__name__}") from None
+
+
+class Hyperparameters:
+    """Reads every setting from the environment when constructed, validates, and fails naming the variable."""
+
+    def __init__(self, env: dict | None = None):
+        env = os.environ if env is None else env
+        known = {n for n, _, _ in HPARAMS}
+        unknown = sorted(k for k in env if k.startswith(OWN_PREFIXES) and k not in known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}: not read by this script")
+        for name, typ, default in HPARAMS:
+            setattr(self, name, _parse(name, typ, env[name]) if name in env else default)
+        self.RUN_ID = self.RUN_ID or str(uuid.uuid4())
+        self._validate()
+        self.ve_layers = [int(v) for v in self.VE_LAYERS.split(",") if v.strip()] if self.VE_ENABLED else []
+        self.head_dim = self.MODEL_DIM // self.NUM_HEADS
+        self.mlp_hidden = int(self.MLP_MULT * self.MODEL_DIM)
+
+    def _validate(self):
+        def need(ok, name, why):
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+        for name, choices in CHOICES.items():
+            need(getattr(self, name) in choices, name, f"must be one of {choices}")
+        for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
+                     "TRAIN_BATCH_TOKENS", "EVAL_SEQ_LEN", "EVAL_STRIDE", "EVAL_BATCH_SEQS", "TTT_CHUNK_TOKENS",
+                     "TTT_BATCH_SEQS", "SWA_EVERY", "MUON_BACKEND_STEPS", "GPTQ_BLOCK_SIZE", "SIZE_CAP_BYTES"):
+            need(getattr(self, name) > 0, name, "must be positive")
+        for name in ("ITERATIONS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
+                     "GPTQ_CALIB_BATCHES", "TTT_EPOCHS", "TTT_FREEZE_BLOCKS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.VOCAB_SIZE <= 65535, "VOCAB_SIZE", "shards store uint16 token ids (at most 65,535)")
+        need(self.MODEL_DIM % self.NUM_HEADS == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
+        need(self.NUM_HEADS % self.NUM_KV_HEADS == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
+        hd = self.MODEL_DIM // self.NUM_HEADS
+        need(0 <= self.ROPE_DIMS <= hd and self.ROPE_DIMS % 2 == 0, "ROPE_DIMS", f"must be even and <= head_dim {hd}")
+        need(self.XSA_LAST_N <= self.NUM_LAYERS, "XSA_LAST_N", "must be <= NUM_LAYERS")
+        need(self.BIGRAM_VOCAB_SIZE != 1, "BIGRAM_VOCAB_SIZE", "0 disables; otherwise >= 2 (one bucket is reserved)")
+        need(0 <= self.SWA_WEIGHT <= 1, "SWA_WEIGHT", "must be in [0, 1]")
+        need(0 < self.EMA_DECAY < 1, "EMA_DECAY", "must be in (0, 1)")
+        need(self.EVAL_STRIDE <= self.EVAL_SEQ_LEN, "EVAL_STRIDE", "must be <= EVAL_SEQ_LEN")
+        need(0 <= self.GPTQ_RESERVE_SECONDS < self.MAX_WALLCLOCK_SECONDS or self.MAX_WALLCLOCK_SECONDS <= 0,
+             "GPTQ_RESERVE_SECONDS", "must be below MAX_WALLCLOCK_SECONDS")
+        try:
+            layers = [int(v) for v in self.VE_LAYERS.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"VE_LAYERS={self.VE_LAYERS!r}: must be comma-separated layer indices") from None
+        need(all(0 <= i < self.NUM_LAYERS for i in layers), "VE_LAYERS", f"indices must be in [0, {self.NUM_LAYERS})")
+
+    def items(self):
+        return [(n, getattr(self, n)) for n, _, _ in HPARAMS]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: challenge shards (256 x int32 header, magic 20240520, version 1, uint16 tokens)
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024
+
+
+def load_data_shard(path: str, vocab_size: int) -> Tensor:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard {path}: no such file")
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ValueError(f"shard {path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=256)
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"shard {path}: magic/version {header[0]}/{header[1]}, expected {SHARD_MAGIC}/{SHARD_VERSION}")
+    n = int(header[2])
+    if n <= 0:
+        raise ValueError(f"shard {path}: header says {n} tokens (empty shard)")
+    if size != HEADER_BYTES + 2 * n:
+        raise ValueError(f"shard {path}: {size} bytes, expected {HEADER_BYTES + 2 * n} for {n} tokens (truncated?)")
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE {vocab_size} (wrong tokenizer/vocab?)")
+    return torch.from_numpy(tokens.astype(np.int32))
+
+
+def list_shards(pattern: str) -> list[str]:
+    # Sorted by file name only, so the order never depends on how DATA_PATH is spelled.
+    files = sorted(glob.glob(pattern), key=lambda p: (os.path.basename(p), p))
+    if not files:
+        raise FileNotFoundError(f"no shard matches {pattern}")
+    return files
+
+
+class TokenStream:
+    """Endless token stream over shards; each pass visits the shards in a SEED-dependent order."""
+
+    def __init__(self, pattern: str, vocab_size: int, seed: int):
+        self.files, self.vocab_size, self.seed = list_shards(pattern), vocab_size, seed
+        self.epoch, self.order, self.pos, self.tokens = -1, [], 0, None
+        self._next_epoch()
+
+    def _next_epoch(self):
+        self.epoch += 1
+        self.order = list(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.files)))
+        self._load_next()
+
+    def _load_next(self):
+        if not self.order:
+            return self._next_epoch()
+        self.tokens, self.pos = load_data_shard(self.files[self.order.pop(0)], self.vocab_size), 0
+
+    def take(self, n: int) -> Tensor:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self._load_next()
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return torch.cat(parts)
+
+
+class DistributedTokenLoader:
+    """Each call takes world*(local+1) tokens; rank r gets the r-th span, so ranks see disjoint slices
+    and the sequence of spans is the same for any world size (8 ranks == 1 rank with accumulation)."""
+
+    def __init__(self, pattern: str, rank: int, world_size: int, device, vocab_size: int, seed: int):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.stream = TokenStream(pattern, vocab_size, seed)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        chunk = chunk.to(torch.int64)
+        x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tensor:
+    tokens = torch.cat([load_data_shard(f, vocab_size) for f in list_shards(pattern)])
+    usable = ((tokens.numel() - 1) // seq_len) * seq_len  # lineage rule: drop the < seq_len tail
+    if usable <= 0:
+        raise ValueError(f"validation set {pattern} has {tokens.numel()} tokens, fewer than seq_len+1={seq_len + 1}")
+    return tokens[:usable + 1].to(torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and exact bits per byte
+# ----------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"TOKENIZER_PATH {path}: no such file")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise ValueError(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token UTF-8 byte counts: a leading '▁' is one byte unless the previous token is a boundary."""
+    n = max(sp.vocab_size(), vocab_size)
+    base_bytes = np.zeros(n, dtype=np.int16)
+    has_space = np.zeros(n, dtype=np.bool_)
+    is_boundary = np.ones(n, dtype=np.bool_)
+    for t in range(sp.vocab_size()):
+        if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
+            continue
+        is_boundary[t] = False
+        if sp.is_byte(t):
+            base_bytes[t] = 1
+            continue
+        piece = sp.id_to_piece(t)
+        if piece.startswith("\u2581"):
+            has_space[t], piece = True, piece[1:]
+        base_bytes[t] = len(piece.encode("utf-8"))
+    return (torch.tensor(base_bytes, device=device), torch.tensor(has_space, device=device),
+            torch.tensor(is_boundary, device=device))
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
+    base_bytes, has_space, is_boundary = luts
+    return base_bytes[tgt].to(torch.float64) + (has_space[tgt] & ~is_boundary[prev]).to(torch.float64)
+
+
+class BpbMeter:
+    """float64 sums of NLL, target count and bytes; val_bpb = loss_sum / (ln 2 * bytes)."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts):
+        self.sums[0] += nll.to(torch.float64).sum()
+        self.sums[1] += nll.numel()
+        self.sums[2] += target_bytes(prev, tgt, luts).sum()
+
+    def result(self, reduce: bool = True) -> tuple[float, float]:
+        s = self.sums.clone()
+        if reduce and dist.is_initialized():
+            dist.all_reduce(s)
+        loss, count, nbytes = s.tolist()
+        return loss / max(count, 1), loss / (math.log(2) * max(nbytes, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def _pick_attention(device) -> tuple[str, object]:
+    if device.type == "cuda":
+        for mod, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
+            try:
+                return name, __import__(mod).flash_attn_func
+            except ImportError:
+                pass
+    return "sdpa", None
+
+
+ATTN_BACKEND, _FLASH_FN = "sdpa", None
+
+
+def set_attention_backend(device) -> str:
+    global ATTN_BACKEND, _FLASH_FN
+    ATTN_BACKEND, _FLASH_FN = _pick_attention(device)
+    return ATTN_BACKEND
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); GQA handled by the kernel."""
+    if _FLASH_FN is not None:
+        out = _FLASH_FN(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds return (out, lse)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+class Rotary(nn.Module):
+    """Partial RoPE on the first `dims` dims with an explicit base: identical at every sequence length."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims = dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dims == 0:
+            return x
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)[None, :, None, :]
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        half = self.dims // 2
+        a, b, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+def xsa(y: Tensor, v: Tensor) -> Tensor:
+    """Exclusive self-attention: remove from each head's output its component along its own token's value."""
+    B, T, H, D = y.shape
+    yg = y.view(B, T, v.size(2), H // v.size(2), D)
+    vn = F.normalize(v, dim=-1).unsqueeze(3)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+
+
+class SmearGate(nn.Module):
+    """out_t = (1-g) x_t + g x_{t-1}, g = sigmoid(gate), x_{-1} = 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+def bigram_hash(ids: Tensor, buckets: int) -> Tensor:
+    """Bucket of (prev, cur); the last bucket is reserved for position 0 (no previous token)."""
+    h = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % (buckets - 1)
+    return torch.cat((torch.full_like(ids[:, :1], buckets - 1), h), dim=1)
+
+
+class BigramHash(nn.Module):
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(bigram_hash(ids, self.buckets)))
+
+
+class ValueEmbedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(ids))
+
+
+class Block(nn.Module):
+    """Pre-norm block; its matrices live in the GPT's banks and arrive as arguments."""
+
+    def __init__(self, h: Hyperparameters, layer: int):
+        super().__init__()
+        d = h.MODEL_DIM
+        self.layer, self.nh, self.nkv, self.hd = layer, h.NUM_HEADS, h.NUM_KV_HEADS, h.head_dim
+        self.use_xsa = layer >= h.NUM_LAYERS - h.XSA_LAST_N
+        self.ln_s = 1.0 / math.sqrt(layer + 1) if h.LN_SCALE else 1.0
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.q_gain = nn.Parameter(torch.full((h.NUM_HEADS,), h.QK_GAIN_INIT))
+
+    def attn(self, x, wq, wk, wv, wo, ve, rotary, observe):
+        B, T, _ = x.shape
+        observe(f"blocks.{self.layer}.attn.qkv", x)
+        q = F.linear(x, wq.to(x.dtype)).view(B, T, self.nh, self.hd)
+        k = F.linear(x, wk.to(x.dtype)).view(B, T, self.nkv, self.hd)
+        v = F.linear(x, wv.to(x.dtype))
+        if ve is not None:
+            v = v + ve
+        v = v.view(B, T, self.nkv, self.hd)
+        q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.use_xsa:
+            y = xsa(y, v)
+        y = y.reshape(B, T, self.nh * self.hd)
+        observe(f"blocks.{self.layer}.attn.proj", y)
+        return F.linear(y, wo.to(y.dtype))
+
+    def mlp(self, x, wup, wdown, observe):
+        observe(f"blocks.{self.layer}.mlp.fc", x)
+        u = F.leaky_relu(F.linear(x, wup.to(x.dtype)), negative_slope=0.5).square()
+        observe(f"blocks.{self.layer}.mlp.proj", u)
+        return F.linear(u, wdown.to(u.dtype))
+
+    def forward(self, x, x0, w, ve, rotary, observe):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_s, *w[:4], ve, rotary, observe)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_s, *w[4:], observe)
+
+
+def _no_observe(name: str, x: Tensor):
+    pass
+
+
+class GPT(nn.Module):
+    """Tied-embedding GQA GPT with U-Net skips; the 6 matrices per layer are stacked in 4 banks
+    (qo, kv, mlp_up, mlp_down) so Muon can orthogonalize them in batches and shard them across ranks."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        n, d, kvd, hid = h.NUM_LAYERS, h.MODEL_DIM, h.NUM_KV_HEADS * h.head_dim, h.mlp_hidden
+        self.softcap = h.LOGIT_SOFTCAP
+        self.tok_emb = nn.Embedding(h.VOCAB_SIZE, d)
+        self.bigram = BigramHash(h.BIGRAM_VOCAB_SIZE, h.BIGRAM_DIM, d) if h.BIGRAM_VOCAB_SIZE else None
+        self.smear = SmearGate(d)
+        self.qo_bank = nn.Parameter(torch.empty(2 * n, d, d))
+        self.kv_bank = nn.Parameter(torch.empty(2 * n, kvd, d))
+        self.mlp_up_bank = nn.Parameter(torch.empty(n, hid, d))
+        self.mlp_down_bank = nn.Parameter(torch.empty(n, d, hid))
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(n))
+        self.ve_layers = h.ve_layers
+        self.ve_shared = ValueEmbedding(h.VOCAB_SIZE, h.VE_DIM, kvd) if self.ve_layers else None
+        self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
+        self.n_enc = n // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, n - self.n_enc), d))
+        self.rotary = Rotary(h.ROPE_DIMS, h.ROPE_BASE)
+        self.observe = _no_observe  # replaced during Hessian collection
+        self._init_weights(h)
+
+    @torch.no_grad()
+    def _init_weights(self, h: Hyperparameters):
+        n = h.NUM_LAYERS
+        nn.init.normal_(self.tok_emb.weight, std=h.TIED_EMBED_INIT_STD)
+        for bank, live in ((self.qo_bank, range(n)), (self.kv_bank, range(2 * n)), (self.mlp_up_bank, range(n))):
+            bank.zero_()
+            for i in live:
+                nn.init.orthogonal_(bank[i])
+        self.qo_bank[n:].zero_()  # W_o and W_down start at zero: every branch is silent at step 0
+        self.mlp_down_bank.zero_()
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+            nn.init.orthogonal_(self.bigram.proj.weight)
+        if self.ve_shared is not None:
+            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
+            nn.init.orthogonal_(self.ve_shared.proj.weight)
+
+    def layer_weights(self, i: int) -> tuple[Tensor, ...]:
+        n = len(self.blocks)
+        return (self.qo_bank[i], self.kv_bank[i], self.kv_bank[n + i], self.qo_bank[n + i],
+                self.mlp_up_bank[i], self.mlp_down_bank[i])
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = self.tok_emb(ids)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = self.smear(rms_norm(x))
+        x0, skips = x, []
+        ve = self.ve_shared(ids) if self.ve_shared is not None else None
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_enc and skips:
+                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+            ve_i = ve * self.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
+            x = block(x, x0, self.layer_weights(i), ve_i, self.rotary, self.observe)
+            if i < self.n_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
+        """Per-token NLL (B, T) in fp32; training takes its mean, evaluation sums the scored positions."""
+        h = self.hidden(ids)
+        logits = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
+        logits = self.softcap * torch.tanh(logits / self.softcap)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def count_params_from_shapes(h: Hyperparameters) -> int:
+    """Parameter count computed from the architecture's shapes (a cross-check of the module)."""
+    n, d, kvd, hid = h.NUM_LAYERS, h.MODEL_DIM, h.NUM_KV_HEADS * h.head_dim, h.mlp_hidden
+    total = h.VOCAB_SIZE * d + 2 * n * d * d + 2 * n * kvd * d + 2 * n * hid * d
+    total += n * (4 * d + h.NUM_HEADS) + min(n // 2, n - n // 2) * d + d
+    if h.BIGRAM_VOCAB_SIZE:
+        total += h.BIGRAM_VOCAB_SIZE * h.BIGRAM_DIM + h.BIGRAM_DIM * d + 1
+    if h.ve_layers:
+        total += h.VOCAB_SIZE * h.VE_DIM + h.VE_DIM * kvd + 1 + len(h.ve_layers)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers: Muon on the banks (Parallel Muon across ranks), AdamW on embeddings and scalars
+# ----------------------------------------------------------------------------------------------
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
+    """Batched quintic Newton-Schulz: approximately U V^T for each matrix of a (B, M, N) stack."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+class ParallelMuon:
+    """Each rank owns a slice of every bank: reduce-scatter grads -> momentum + NS5 on the slice ->
+    all-gather updates. With one process the slice is the whole bank."""
+
+    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, backend_steps: int, rank: int, world: int):
+        self.banks, self.lr, self.wd, self.steps, self.rank, self.world = banks, lr, wd, backend_steps, rank, world
+        self.base_lr = lr
+        self.pad = [(-b.size(0)) % world for b in banks]
+        self.shards: list[Tensor] = []
+        self.momentum = [torch.zeros((b.size(0) + p) // world, *b.shape[1:], device=b.device)
+                         for b, p in zip(banks, self.pad)]
+
+    def _padded(self, g: Tensor, pad: int) -> Tensor:
+        return torch.cat((g, g.new_zeros(pad, *g.shape[1:]))) if pad else g
+
+    def reduce_grads(self) -> Tensor:
+        """Averages bank grads across ranks into this rank's slice; returns the slices' squared norm."""
+        self.shards = []
+        for b, pad in zip(self.banks, self.pad):
+            g = self._padded(b.grad, pad)
+            if self.world > 1:
+                out = g.new_empty(g.size(0) // self.world, *g.shape[1:])
+                dist.reduce_scatter_tensor(out, g.contiguous())
+                g = out / self.world
+            self.shards.append(g)
+        return sum(s.float().square().sum() for s in self.shards)
+
+    @torch.no_grad()
+    def step(self, momentum: float, clip_coef: Tensor):
+        for b, pad, g, buf in zip(self.banks, self.pad, self.shards, self.momentum):
+            g = g * clip_coef
+            buf.mul_(momentum).add_(g)
+            u = zeropower_via_newtonschulz5(g + momentum * buf, self.steps).float()
+            u *= max(1.0, b.size(-2) / b.size(-1)) ** 0.5
+            if self.world > 1:
+                full = u.new_empty(u.size(0) * self.world, *u.shape[1:])
+                dist.all_gather_into_tensor(full, u.contiguous())
+                u = full
+            b.mul_(1 - self.lr * self.wd).sub_(u[:b.size(0)], alpha=self.lr)
+
+
+def split_params(model: GPT) -> tuple[list, list, list]:
+    banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
+    embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve_shared) if m is not None]
+    taken = {id(p) for p in banks + embeds}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    return banks, embeds, scalars
+
+
+class Optimizers:
+    """All optimizer state plus the step: global grad-norm clipping after cross-rank averaging, so that
+    N ranks take exactly the step one rank with N-fold accumulation would."""
+
+    def __init__(self, model: GPT, h: Hyperparameters, rank: int, world: int):
+        self.h, self.world = h, world
+        banks, embeds, scalars = split_params(model)
+        self.muon = ParallelMuon(banks, h.MATRIX_LR, h.MUON_WD, h.MUON_BACKEND_STEPS, rank, world)
+        fused = banks[0].is_cuda
+        self.adam = torch.optim.AdamW(
+            [{"params": embeds, "lr": h.TIED_EMBED_LR, "base_lr": h.TIED_EMBED_LR},
+             {"params": scalars, "lr": h.SCALAR_LR, "base_lr": h.SCALAR_LR}],
+            betas=(h.BETA1, h.BETA2), eps=h.ADAM_EPS, weight_decay=h.ADAM_WD, fused=fused)
+        self.small = [p for g in self.adam.param_groups for p in g["params"]]
+
+    def step(self, step: int, lr_mult: float):
+        h = self.h
+        bank_sq = self.muon.reduce_grads()
+        flat = torch.cat([p.grad.flatten() for p in self.small])
+        if self.world > 1:
+            dist.all_reduce(bank_sq)
+            dist.all_reduce(flat)
+            flat /= self.world
+        norm = (bank_sq + flat.float().square().sum()).sqrt()
+        coef = (h.GRAD_CLIP_NORM / (norm + 1e-6)).clamp(max=1.0) if h.GRAD_CLIP_NORM > 0 else torch.ones_like(norm)
+        offset = 0
+        for p in self.small:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p) * coef)
+            offset += p.numel()
+        for g in self.adam.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+        self.adam.step()
+        frac = min(step / h.MUON_MOMENTUM_WARMUP_STEPS, 1.0) if h.MUON_MOMENTUM_WARMUP_STEPS else 1.0
+        momentum = (1 - frac) * h.MUON_MOMENTUM_WARMUP_START + frac * h.MUON_MOMENTUM
+        self.muon.lr = self.muon.base_lr * lr_mult
+        self.muon.step(momentum, coef)
+        return norm
+
+    def state(self):
+        return {"adam": copy.deepcopy(self.adam.state_dict()), "muon": [m.clone() for m in self.muon.momentum]}
+
+    def load_state(self, s):
+        self.adam.load_state_dict(s["adam"])
+        for m, saved in zip(self.muon.momentum, s["muon"]):
+            m.copy_(saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+class Context:
+    """Process-group facts plus rank-0 logging to logs/<RUN_ID>.txt."""
+
+    def __init__(self, h: Hyperparameters):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if 8 % self.world != 0:
+            raise ValueError(f"WORLD_SIZE={self.world} must divide 8 (grad_accum_steps = 8 // WORLD_SIZE)")
+        self.grad_accum = 8 // self.world
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.cuda else "gloo", device_id=self.device if self.cuda else None,
+                                    timeout=datetime.timedelta(minutes=30))
+        self.master = self.rank == 0
+        self.logfile = None
+        if self.master:
+            os.makedirs("logs", exist_ok=True)
+            self.logfile = f"logs/{h.RUN_ID}.txt"
+            print(self.logfile)
+
+    def log(self, msg: str = "", console: bool = True):
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.logfile, "a", encoding="utf-8") as f:
+            print(msg, file=f)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any rank (keeps collective decisions in lockstep)."""
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def compile_model(model: nn.Module, ctx: Context):
+    return torch.compile(model, dynamic=False, fullgraph=True) if ctx.cuda else model
+
+
+class Clock:
+    """Training wall clock in ms; paused around validation passes, which are not training."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.total, self.t0 = ctx, 0.0, None
+
+    def start(self):
+        self.ctx.sync()
+        self.t0 = time.perf_counter()
+
+    def pause(self):
+        self.ctx.sync()
+        self.total += 1000 * (time.perf_counter() - self.t0)
+        self.t0 = None
+
+    def ms(self) -> float:
+        return self.total + (1000 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
+
+
+def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
+    """Linear warmdown to zero, keyed to wall clock when capped (window re-estimated from the mean step
+    time), else to ITERATIONS."""
+    if h.WARMDOWN_ITERS == 0:
+        return 1.0
+    if budget_ms <= 0:
+        return min(1.0, max(h.ITERATIONS - step, 0) / h.WARMDOWN_ITERS)
+    warmdown_ms = h.WARMDOWN_ITERS * elapsed_ms / max(step, 1)
+    remaining = max(budget_ms - elapsed_ms, 0.0)
+    return remaining / warmdown_ms if remaining <= warmdown_ms else 1.0
+
+
+def local_batch_tokens(h: Hyperparameters, ctx: Context) -> int:
+    per = ctx.world * ctx.grad_accum
+    if h.TRAIN_BATCH_TOKENS % (per * h.TRAIN_SEQ_LEN):
+        raise ValueError(f"TRAIN_BATCH_TOKENS={h.TRAIN_BATCH_TOKENS} must be a multiple of "
+                         f"world_size*grad_accum*TRAIN_SEQ_LEN={per * h.TRAIN_SEQ_LEN}")
+    return h.TRAIN_BATCH_TOKENS // per
+
+
+def train_step(model_c, loader, opt: Optimizers, h, ctx, step: int, lr_mult: float) -> float:
+    local = local_batch_tokens(h, ctx)
+    total = 0.0
+    for _ in range(ctx.grad_accum):
+        x, y = loader.next_batch(local, h.TRAIN_SEQ_LEN)
+        with ctx.autocast():
+            loss = model_c(x, y).mean()
+        (loss / ctx.grad_accum).backward()
+        total += loss.detach()
+    opt.step(step, lr_mult)
+    for p in opt.muon.banks + opt.small:
+        p.grad = None
+    return float(total) / ctx.grad_accum
+
+
+class WeightAverages:
+    """EMA of every parameter after each step, plus an SWA mean of snapshots late in warmdown;
+    the final weights blend them: (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * SWA."""
+
+    def __init__(self, model: nn.Module, h: Hyperparameters):
+        self.params = list(model.parameters())
+        self.h = h
+        self.ema = [p.detach().float().clone() for p in self.params]
+        self.swa = [torch.zeros_like(e) for e in self.ema]
+        self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, step: int, lr_mult: float, ctx: Context):
+        torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - self.h.EMA_DECAY)
+        if lr_mult < self.h.SWA_START_LR and step % self.h.SWA_EVERY == 0:
+            if self.swa_count == 0:
+                ctx.log(f"swa:start step:{step}")
+            torch._foreach_add_(self.swa, [p.detach().float() for p in self.params])
+            self.swa_count += 1
+
+    @torch.no_grad()
+    def apply(self, ctx: Context):
+        w = self.h.SWA_WEIGHT if self.swa_count else 0.0
+        for p, e, s in zip(self.params, self.ema, self.swa):
+            p.copy_((1 - w) * e + (w / max(self.swa_count, 1)) * s)
+        ctx.log(f"ema_swa:blend swa_weight:{w} swa_count:{self.swa_count}")
+
+
+def compile_warmup(model, model_c, loader_fn, h, ctx):
+    """Run WARMUP_STEPS real steps to trigger compilation, then restore weights and optimizer state."""
+    opt = Optimizers(model, h, ctx.rank, ctx.world)
+    if h.WARMUP_STEPS == 0:
+        return opt, loader_fn()
+    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved_opt = opt.state()
+    loader = loader_fn()
+    for i in range(h.WARMUP_STEPS):
+        train_step(model_c, loader, opt, h, ctx, i, 1.0)
+        ctx.log(f"warmup_step:{i + 1}/{h.WARMUP_STEPS}")
+    model.load_state_dict(saved_model)
+    opt.load_state(saved_opt)
+    return opt, loader_fn()
+
+
+def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts):
+    """The timed loop. Returns (loader, clock) so calibration continues on the same data and clock."""
+    model_c = compile_model(model, ctx)
+    loader_fn = lambda: DistributedTokenLoader(f"{h.DATA_PATH}/fineweb_train_*.bin", ctx.rank, ctx.world,
+                                               ctx.device, h.VOCAB_SIZE, h.SEED)
+    opt, loader = compile_warmup(model, model_c, loader_fn, h, ctx)
+    averages = WeightAverages(model, h)
+    budget_ms = 1000 * (h.MAX_WALLCLOCK_SECONDS - h.GPTQ_RESERVE_SECONDS) if h.MAX_WALLCLOCK_SECONDS > 0 else 0.0
+    if h.MAX_WALLCLOCK_SECONDS > 0:
+        ctx.log(f"gptq:reserving {1000 * h.GPTQ_RESERVE_SECONDS:.0f}ms from training budget, effective={budget_ms:.0f}ms")
+    clock, step, stop_after, train_loss = Clock(ctx), 0, None, float("nan")
+    clock.start()
+    while True:
+        last = step == h.ITERATIONS or stop_after is not None
+        if last or (h.VAL_LOSS_EVERY and step % h.VAL_LOSS_EVERY == 0):
+            clock.pause()
+            vl, vb = eval_val(model_c, val_tokens, h, ctx, luts)
+            ctx.log(f"step:{step}/{h.ITERATIONS} val_loss:{vl:.4f} val_bpb:{vb:.4f} "
+                    f"train_time:{clock.ms():.0f}ms step_avg:{clock.ms() / max(step, 1):.2f}ms")
+            clock.start()
+        if last:
+            break
+        lr_mult = lr_multiplier(h, step, clock.ms(), budget_ms)
+        train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
+        step += 1
+        averages.update(step, lr_mult, ctx)
+        ms = clock.ms()
+        if step <= 10 or (h.TRAIN_LOG_EVERY and step % h.TRAIN_LOG_EVERY == 0):
+            ctx.log(f"step:{step}/{h.ITERATIONS} train_loss:{train_loss:.4f} train_time:{ms:.0f}ms "
+                    f"step_avg:{ms / step:.2f}ms tok_s:{step * h.TRAIN_BATCH_TOKENS / max(ms / 1000, 1e-9):.0f}")
+        if stop_after is None and budget_ms > 0 and ctx.any(ms >= budget_ms):
+            stop_after = step
+            ctx.log(f"stopping_early: wallclock_cap train_time:{ms:.0f}ms step:{step}/{h.ITERATIONS}")
+    if ctx.cuda:
+        ctx.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    averages.apply(ctx)
+    return loader, clock
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantize and pack: Hessians on training data inside the budget, full GPTQ int6, byte-capped artifact
+# ----------------------------------------------------------------------------------------------
+
+BANK_SLOTS = (("attn.c_q", "qo_bank", 0, "attn.qkv"), ("attn.c_k", "kv_bank", 0, "attn.qkv"),
+              ("attn.c_v", "kv_bank", 1, "attn.qkv"), ("attn.proj", "qo_bank", 1, "attn.proj"),
+              ("mlp.fc", "mlp_up_bank", 0, "mlp.fc"), ("mlp.proj", "mlp_down_bank", 0, "mlp.proj"))
+MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP",
+              "ROPE_BASE", "ROPE_DIMS", "LN_SCALE", "QK_GAIN_INIT", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
+              "VE_ENABLED", "VE_DIM", "VE_LAYERS")
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+PASSTHROUGH_MAX = 65_536  # tensors this small (scales, gates, small projections) stay fp16
+
+
+def unbank(state: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    """Bank tensors -> per-layer 2-D matrices under the lineage's names (blocks.{i}.attn.c_q.weight ...)."""
+    out = {k: v for k, v in state.items() if not k.endswith("_bank")}
+    for i in range(n):
+        for name, bank, half, _ in BANK_SLOTS:
+            out[f"blocks.{i}.{name}.weight"] = state[bank][half * n + i]
+    return out
+
+
+def rebank(flat: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    out = {k: v for k, v in flat.items() if not (k.startswith("blocks.") and k.endswith(".weight"))}
+    for bank in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
+        slots = [(name, half) for name, b, half, _ in BANK_SLOTS if b == bank]
+        out[bank] = torch.stack([flat[f"blocks.{i}.{name}.weight"] for name, half in slots for i in range(n)])
+    return out
+
+
+def hessian_key(weight_name: str) -> str | None:
+    for name, _, _, key in BANK_SLOTS:
+        if weight_name.endswith(f".{name}.weight"):
+            return weight_name[:-len(f"{name}.weight")] + key
+    return None
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock: Clock):
+    """X^T X of every quantized matmul's input over training batches, summed over ranks. Stops early so
+    that calibration always ends before MAX_WALLCLOCK_SECONDS on the training clock."""
+    hess: dict[str, Tensor] = {}
+
+    def observe(name, x):
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        if name not in hess:
+            hess[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        hess[name].addmm_(x.T, x)
+
+    deadline = 1000 * h.MAX_WALLCLOCK_SECONDS if h.MAX_WALLCLOCK_SECONDS > 0 else float("inf")
+    start, batches, local = clock.ms(), 0, local_batch_tokens(h, ctx)
+    ctx.log(f"gptq:calibration start train_time:{start:.0f}ms")
+    model.observe = observe
+    try:
+        while batches < h.GPTQ_CALIB_BATCHES:
+            per_batch = (clock.ms() - start) / batches if batches else 0.0
+            if ctx.any(clock.ms() + 1.5 * per_batch >= deadline):
+                break
+            x, y = loader.next_batch(local, h.TRAIN_SEQ_LEN)
+            with ctx.autocast():
+                model(x, y)
+            batches += 1
+    finally:
+        model.observe = _no_observe
+    for H in hess.values():
+        if dist.is_initialized():
+            dist.all_reduce(H)
+    ctx.sync()
+    tokens = batches * local * ctx.world
+    ctx.log(f"gptq:calibration end train_time:{clock.ms():.0f}ms tokens:{tokens} layers:{len(hess)} "
+            f"elapsed:{(clock.ms() - start) / 1000:.1f}s")
+    return hess
+
+
+def _gptq_pass(W: Tensor, Hinv: Tensor, s: Tensor, qmax: int, block: int) -> Tensor:
+    """Column-by-column quantization with error feedback through the inverse-Hessian Cholesky factor."""
+    W, Q = W.clone(), torch.zeros_like(W)
+    cols = W.size(1)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Hi, E1 = W[:, i1:i2], Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
+        for j in range(i2 - i1):
+            q = torch.clamp(torch.round(W1[:, j] / s), -qmax, qmax)
+            Q[:, i1 + j] = q
+            e = (W1[:, j] - q * s) / Hi[j, j]
+            W1[:, j:] -= e[:, None] * Hi[j, j:][None, :]
+            E1[:, j] = e
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    return Q
+
+
+def row_scales(W: Tensor, qmax: int) -> Tensor:
+    """One candidate scale per (quantile, row): shape (len(CLIP_QUANTILES), rows), rounded to fp16."""
+    a = W.abs()
+    clips = torch.stack([a.amax(1) if qt == 1.0 else torch.quantile(a, qt, dim=1) for qt in CLIP_QUANTILES])
+    return (clips / qmax).clamp_min(1e-8).half().float()
+
+
+def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128, damp: float = 0.01):
+    """Full GPTQ (act-order, Cholesky inverse, 128-column blocks, damping). Every clip candidate is run
+    (stacked as extra rows: rows are independent given H) and each row keeps the candidate with the
+    lowest Hessian-weighted error (w - q s) H (w - q s)^T. H = None means identity: plain rounding."""
+    W = W.float()
+    rows, cols = W.shape
+    H = torch.eye(cols, device=W.device) if H is None else H.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W = W.masked_fill(dead[None, :], 0.0)
+    perm = torch.argsort(H.diagonal(), descending=True)
+    Hp = H[perm][:, perm]
+    Hd = Hp + damp * Hp.diagonal().mean() * torch.eye(cols, device=W.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    scales = row_scales(W, qmax)  # (K, rows)
+    K = scales.size(0)
+    Wp = W[:, perm]
+    Q = _gptq_pass(Wp.repeat(K, 1), Hinv, scales.reshape(-1), qmax, block).view(K, rows, cols)
+    D = Wp[None] - Q * scales[:, :, None]
+    err = torch.einsum("krc,cd,krd->kr", D, Hp, D)
+    best = err.argmin(0)
+    pick = torch.arange(rows, device=W.device)
+    Qb, sb = Q[best, pick], scales[best, pick]
+    Qb = Qb[:, torch.argsort(perm)]
+    return Qb.to(torch.int8), sb.half()
+
+
+def quantize_rows(W: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest per row with the clip candidate of least squared error (int8 embeddings)."""
+    return gptq_quantize(W, None, qmax)
+
+
+def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, ctx: Context):
+    """Routes every tensor: bank matrices -> GPTQ int6; other large matrices -> int8 rows; rest -> fp16."""
+    t0 = time.perf_counter()
+    state = unbank({k: v.detach().float() for k, v in model.state_dict().items()}, h.NUM_LAYERS)
+    entries, n_gptq = {}, 0
+    for name, W in state.items():
+        key = hessian_key(name)
+        if key is not None:
+            H = hessians.get(key)
+            q, s = gptq_quantize(W, H, 31, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
+            cost = H.diagonal() if H is not None else torch.ones(W.size(1), device=W.device)
+            entries[name] = {"kind": "int6", "q": q, "scale": s, "cost": cost}
+            n_gptq += H is not None
+        elif W.dim() == 2 and W.numel() > PASSTHROUGH_MAX:
+            q, s = quantize_rows(W, 127)
+            entries[name] = {"kind": "int8", "q": q, "scale": s}
+        else:
+            entries[name] = {"kind": "fp16", "data": W.half()}
+    ctx.sync()
+    ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors in {time.perf_counter() - t0:.1f}s")
+    return entries
+
+
+def dequantize_state(entries: dict, n_layers: int) -> dict[str, Tensor]:
+    flat = {}
+    for name, e in entries.items():
+        flat[name] = e["data"].float() if e["kind"] == "fp16" else e["q"].float() * e["scale"].float()[:, None]
+    return rebank(flat, n_layers)
+
+
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLF", 1
+CODECS = ("lzma", "zstd", "brotli")
+LAYOUTS = ("row", "col")  # int codes stored row-major, or transposed (columns often compress better)
+
+
+def _codec(name: str):
+    if name == "lzma":
+        return (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)), lzma.decompress
+    if name == "zstd":
+        import zstandard
+        return (lambda b: zstandard.ZstdCompressor(level=22).compress(b)), \
+            (lambda b: zstandard.ZstdDecompressor().decompress(b, max_output_size=1 << 31))
+    import brotli
+    return (lambda b: brotli.compress(b, quality=11)), brotli.decompress
+
+
+def available_codecs() -> list[str]:
+    out = []
+    for name in CODECS:
+        try:
+            _codec(name)
+            out.append(name)
+        except ImportError:
+            pass
+    return out
+
+
+def serialize(entries: dict, config: dict, meta: dict, layout: str) -> bytes:
+    """Payload: u32 header length, JSON header, then all integer codes, all scales, all fp16 tensors
+    (grouping like bytes helps the compressor). No pickle: loading never executes code."""
+    names = sorted(entries)
+    header = {"config": config, "meta": meta, "layout": layout,
+              "tensors": [[n, entries[n]["kind"], list((entries[n].get("q", entries[n].get("data"))).shape)]
+                          for n in names]}
+    codes, scales, raw = [], [], []
+    for n in names:
+        e = entries[n]
+        if e["kind"] == "fp16":
+            raw.append(e["data"].cpu().contiguous().numpy().tobytes())
+            continue
+        q = e["q"].T if layout == "col" else e["q"]
+        codes.append(q.cpu().contiguous().numpy().tobytes())
+        scales.append(e["scale"].cpu().contiguous().numpy().tobytes())
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<I", len(hjson)) + hjson + b"".join(codes + scales + raw)
+
+
+def deserialize(payload: bytes) -> tuple[dict, dict, dict]:
+    (hlen,) = struct.unpack_from("<I", payload)
+    header = json.loads(payload[4:4 + hlen])
+    pos, entries, layout = 4 + hlen, {}, header["layout"]
+
+    def take(nbytes, dtype, shape):
+        nonlocal pos
+        if pos + nbytes > len(payload):
+            raise ValueError("artifact payload is shorter than its header says (corrupt)")
+        t = torch.frombuffer(bytearray(payload[pos:pos + nbytes]), dtype=dtype).reshape(shape)
+        pos += nbytes
+        return t
+
+    ints = [(n, k, s) for n, k, s in header["tensors"] if k != "fp16"]
+    for n, k, (r, c) in ints:
+        q = take(r * c, torch.int8, (c, r) if layout == "col" else (r, c))
+        entries[n] = {"kind": k, "q": q.T.contiguous() if layout == "col" else q}
+    for n, k, (r, c) in ints:
+        entries[n]["scale"] = take(2 * r, torch.float16, (r,))
+    for n, k, shape in header["tensors"]:
+        if k == "fp16":
+            entries[n] = {"kind": k, "data": take(2 * math.prod(shape), torch.float16, shape)}
+    if pos != len(payload):
+        raise ValueError(f"artifact payload has {len(payload) - pos} trailing bytes (corrupt)")
+    return header["config"], header["meta"], entries
+
+
+def pack(payload: bytes, codec: str) -> bytes:
+    head = ARTIFACT_MAGIC + struct.pack("<BBI", ARTIFACT_VERSION, CODECS.index(codec), zlib.crc32(payload))
+    return head + _codec(codec)[0](payload)
+
+
+def read_artifact(path: str) -> tuple[dict, dict, dict]:
+    with open(path, "rb") as f:
+        blob = f.read()
+    n = len(ARTIFACT_MAGIC)
+    if len(blob) < n + 6 or blob[:n] != ARTIFACT_MAGIC:
+        raise ValueError(f"{path}: not a model artifact (bad magic or truncated header)")
+    version, codec_id, crc = struct.unpack_from("<BBI", blob, n)
+    if version != ARTIFACT_VERSION:
+        raise ValueError(f"{path}: artifact version {version}, this script reads version {ARTIFACT_VERSION}")
+    if codec_id >= len(CODECS):
+        raise ValueError(f"{path}: unknown codec id {codec_id}")
+    try:
+        payload = _codec(CODECS[codec_id])[1](blob[n + 6:])
+    except ImportError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: {CODECS[codec_id]} payload does not decompress ({e}): corrupt or truncated") from None
+    if zlib.crc32(payload) != crc:
+        raise ValueError(f"{path}: checksum mismatch: corrupt artifact")
+    return deserialize(payload)
+
+
+def write_atomic(path: str, data: bytes):
+    """A crash never leaves a half-written file under the final name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def compress_best(entries, config, meta, ctx, layouts=LAYOUTS, codecs=None) -> tuple[bytes, str, str]:
+    """Measures every (codec, layout) pair in parallel threads and keeps the smallest."""
+    codecs = codecs or available_codecs()
+    payloads = {lay: serialize(entries, config, meta, lay) for lay in layouts}
+    jobs = [(c, lay) for lay in layouts for c in codecs]
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        blobs = list(ex.map(lambda j: pack(payloads[j[1]], j[0]), jobs))
+    sizes = sorted((len(b), c, lay, b) for (c, lay), b in zip(jobs, blobs))
+    ctx.log("compression: " + " ".join(f"{c}/{lay}={n}" for n, c, lay, _ in sizes))
+    n, c, lay, blob = sizes[0]
+    return blob, c, lay
+
+
+def prune_order(entries: dict) -> list[tuple[str, Tensor]]:
+    """All +-1 int6 codes, cheapest first: cost = scale_row^2 * H_jj (the Hessian-weighted loss of zeroing)."""
+    names, idx, costs = [], [], []
+    for name in sorted(entries):
+        e = entries[name]
+        if e["kind"] != "int6":
+            continue
+        nz = (e["q"].abs() == 1).nonzero()
+        names += [name] * len(nz)
+        idx.append(nz)
+        costs.append(e["scale"].float()[nz[:, 0]].square() * e["cost"][nz[:, 1]])
+    if not idx:
+        return []
+    order = torch.argsort(torch.cat(costs), stable=True).tolist()
+    flat = torch.cat(idx).tolist()
+    return [(names[i], flat[i]) for i in order]
+
+
+def pruned(entries: dict, order: list, k: int) -> dict:
+    out = {n: dict(e, q=e["q"].clone()) if "q" in e else e for n, e in entries.items()}
+    for name, (r, c) in order[:k]:
+        out[name]["q"][r, c] = 0
+    return out
+
+
+def fit_artifact(entries, config, meta, code_bytes, cap, ctx) -> bytes:
+    """Best compression; if code + artifact exceeds the cap, zero the cheapest +-1 codes (deterministic,
+    logged) until it fits, or stop with an error saying by how much it is over."""
+    blob, codec, layout = compress_best(entries, config, meta, ctx)
+    if code_bytes + len(blob) <= cap:
+        return blob
+    over = code_bytes + len(blob) - cap
+    order = prune_order(entries)
+    size_of = lambda k: len(pack(serialize(pruned(entries, order, k), config, meta, layout), codec))
+    full = size_of(len(order))
+    ctx.log(f"size_fit: over by {over} bytes; {len(order)} +-1 candidates; pruning all gives {full} bytes")
+    if code_bytes + full > cap:
+        raise RuntimeError(f"artifact does not fit: {code_bytes + full - cap} bytes over the {cap}-byte cap "
+                           f"even with every +-1 code pruned ({over} over without pruning)")
+    saved = max(len(blob) - full, 1)
+    k = min(len(order), math.ceil(1.1 * len(order) * over / saved))
+    while code_bytes + size_of(k) > cap:
+        k = min(len(order), math.ceil(k * 1.5) + 1)
+    ctx.log(f"size_fit: pruned {k}/{len(order)} +-1 codes ({100 * k / max(len(order), 1):.2f}%)")
+    return pack(serialize(pruned(entries, order, k), config, meta, layout), codec)
+
+
+def code_size() -> int:
+    with open(os.path.abspath(__file__), "rb") as f:
+        return len(f.read())
+
+
+def quantize_and_pack(model: GPT, hessians, h: Hyperparameters, ctx: Context, meta: dict) -> str:
+    """Rank 0 quantizes, fits and writes the artifact atomically; every rank then waits for the file."""
+    if ctx.master:
+        entries = quantize_state(model, hessians, h, ctx)
+        config = {k: getattr(h, k) for k in MODEL_KEYS}
+        code_bytes = code_size()
+        blob = fit_artifact(entries, config, meta, code_bytes, h.SIZE_CAP_BYTES, ctx)
+        write_atomic(h.ARTIFACT_PATH, blob)
+        codec = CODECS[blob[len(ARTIFACT_MAGIC) + 1]]
+        ctx.log(f"Serialized model int6+{codec}: {len(blob)} bytes")
+        ctx.log(f"Code size: {code_bytes} bytes")
+        ctx.log(f"Total submission size int6+{codec}: {code_bytes + len(blob)} bytes")
+    ctx.barrier()
+    return h.ARTIFACT_PATH
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: non-sliding, exact sliding window, score-first TTT
+# ----------------------------------------------------------------------------------------------
+
+def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, ctx: Context, luts) -> tuple[float, float]:
+    """Non-sliding: TRAIN_SEQ_LEN sequences tiled over the stream, contiguous ranges per rank."""
+    L = h.TRAIN_SEQ_LEN
+    n_seq = (val_tokens.numel() - 1) // L
+    mine = np.array_split(np.arange(n_seq), ctx.world)[ctx.rank]
+    meter = BpbMeter(ctx.device)
+    with torch.inference_mode():
+        for b in range(0, len(mine), h.EVAL_BATCH_SEQS):
+            s = mine[b:b + h.EVAL_BATCH_SEQS]
+            chunk = torch.stack([val_tokens[i * L:(i + 1) * L + 1] for i in s])
+            with ctx.autocast():
+                nll = model_fn(chunk[:, :-1], chunk[:, 1:])
+            meter.add(nll, chunk[:, :-1], chunk[:, 1:], luts)
+    return meter.result()
+
+
+def sliding_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
+    """Rows (start, score_from, score_to) over target indices (target j is token j+1 given tokens <= j).
+    The first window scores all its targets, later ones their last `stride`; a final window ending
+    exactly at the stream's end scores what is left. Every target is scored exactly once."""
+    if n_targets <= window:
+        return np.array([[0, 0, n_targets]], dtype=np.int64)
+    starts = np.arange(0, n_targets - window + 1, stride, dtype=np.int64)
+    rows = np.stack([starts, starts + window - stride, starts + window], axis=1)
+    rows[0, 1] = 0
+    if rows[-1, 2] < n_targets:
+        rows = np.concatenate([rows, [[n_targets - window, rows[-1, 2], n_targets]]])
+    return rows
+
+
+def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, meter: BpbMeter,
+                  nll_out: Tensor | None):
+    """Scores the given windows in batches (inference mode) into `meter`, and per target into nll_out."""
+    n_targets = val_tokens.numel() - 1
+    wlen = min(h.EVAL_SEQ_LEN, n_targets)
+    pos = torch.arange(wlen, device=ctx.device)
+    with torch.inference_mode():
+        for b in range(0, len(wins), h.EVAL_BATCH_SEQS):
+            w = torch.as_tensor(wins[b:b + h.EVAL_BATCH_SEQS], device=ctx.device)
+            idx = w[:, :1] + pos[None, :]
+            x, y = val_tokens[idx], val_tokens[idx + 1]
+            with ctx.autocast():
+                nll = model_fn(x, y)
+            mask = (idx >= w[:, 1:2]) & (idx < w[:, 2:3])
+            meter.add(nll[mask], x[mask], y[mask], luts)
+            if nll_out is not None:
+                nll_out[idx[mask]] = nll[mask].float()
+
+
+def eval_val_sliding(model_fn, val_tokens: Tensor, h, ctx, luts, nll_out=None) -> tuple[float, float]:
+    wins = sliding_windows(val_tokens.numel() - 1, h.EVAL_SEQ_LEN, h.EVAL_STRIDE)
+    meter = BpbMeter(ctx.device)
+    score_windows(model_fn, val_tokens, np.array_split(wins, ctx.world)[ctx.rank], h, ctx, luts, meter, nll_out)
+    return meter.result()
+
+
+class TTTState:
+    """What adapts during TTT: unfrozen params, their optimizer, and saved copies of frozen bank slices."""
+
+    def __init__(self, model: GPT, h: Hyperparameters):
+        n, f = h.NUM_LAYERS, h.TTT_FREEZE_BLOCKS
+        for block in model.blocks[:f]:
+            block.requires_grad_(False)
+        # Bank slot j holds layer j % n (qo/kv banks stack two matrices per layer, mlp banks one).
+        banks = (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank)
+        frozen = [(b, [j for j in range(b.size(0)) if j % n < f]) for b in banks]
+        self.saved = [(b, idx, b.detach()[idx].clone()) for b, idx in frozen if idx]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if h.TTT_OPTIMIZER == "sgd":
+            self.opt = torch.optim.SGD(self.params, lr=h.TTT_LR, momentum=h.TTT_MOMENTUM)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=h.TTT_LR, weight_decay=0.0)
+
+    @torch.no_grad()
+    def restore_frozen(self):
+        for bank, idx, saved in self.saved:
+            bank[idx] = saved
+
+
+def ttt_train_chunk(model_fn, state: TTTState, val_tokens: Tensor, lo: int, hi: int, lr: float, h, ctx):
+    """Trains on targets [lo, hi), all already scored. Global batches of TTT_BATCH_SEQS sequences are split
+    across ranks; every rank joins every all-reduce (even with no sequence), so uneven splits cannot hang."""
+    L = h.TRAIN_SEQ_LEN
+    starts = list(range(lo, hi, L))
+    for g in state.opt.param_groups:
+        g["lr"] = lr
+    for _ in range(h.TTT_EPOCHS):
+        for b in range(0, len(starts), h.TTT_BATCH_SEQS):
+            batch = starts[b:b + h.TTT_BATCH_SEQS]
+            count = sum(min(s + L, hi) - s for s in batch)
+            state.opt.zero_grad(set_to_none=False)
+            for s in np.array_split(np.array(batch, dtype=np.int64), ctx.world)[ctx.rank]:
+                e = min(int(s) + L, hi)
+                seq = val_tokens[int(s):e + 1]
+                with ctx.autocast():
+                    loss = model_fn(seq[None, :-1], seq[None, 1:]).sum() / count
+                loss.backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in state.params]
+            flat = torch.cat([g.flatten() for g in grads])
+            if dist.is_initialized():
+                dist.all_reduce(flat)
+            torch.nn.utils.vector_to_parameters(flat, grads)
+            for p, g in zip(state.params, grads):
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_(state.params, h.TTT_GRAD_CLIP)
+            state.opt.step()
+            state.restore_frozen()
+
+
+def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0: float, nll_out=None):
+    """Legal score-first TTT: chunk c's windows are scored under inference_mode with weights trained only
+    on chunks < c; then (except the last chunk) the model trains on chunk c. If the eval budget would
+    overrun, adaptation stops and the remaining chunks are scored with the current weights."""
+    n_targets = val_tokens.numel() - 1
+    wins = sliding_windows(n_targets, h.EVAL_SEQ_LEN, h.EVAL_STRIDE)
+    C = h.TTT_CHUNK_TOKENS
+    n_chunks = -(-n_targets // C)
+    chunk_of = np.minimum(wins[:, 1] // C, n_chunks - 1)
+    state = TTTState(model, h)
+    ctx.log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(wins)} stride={h.EVAL_STRIDE} "
+            f"ttt_lr={h.TTT_LR} ttt_epochs={h.TTT_EPOCHS} freeze_blocks={h.TTT_FREEZE_BLOCKS}")
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    ctx.log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in state.params) - sum(i.numel() for _, _, i in state.saved)} "
+            f"frozen={n_frozen + sum(i.numel() for _, _, i in state.saved)}")
+    meter, adapting, score_s, train_s, t0 = BpbMeter(ctx.device), True, [], [], time.perf_counter()
+    for c in range(n_chunks):
+        ts = time.perf_counter()
+        mine = np.array_split(wins[chunk_of == c], ctx.world)[ctx.rank]
+        model.eval()
+        score_windows(model_fn, val_tokens, mine, h, ctx, luts, meter, nll_out)
+        ctx.sync()
+        score_s.append(time.perf_counter() - ts)
+        if c < n_chunks - 1 and adapting:
+            train_est = np.mean(train_s) if train_s else 3 * h.TTT_EPOCHS * score_s[-1]
+            projected = time.perf_counter() - t_eval0 + train_est + np.mean(score_s) * (n_chunks - c - 1)
+            if ctx.any(projected > h.EVAL_BUDGET_SECONDS):
+                adapting = False
+                ctx.log(f"ttt:budget_stop chunk:{c + 1}/{n_chunks} elapsed:{time.perf_counter() - t_eval0:.1f}s "
+                        f"projected:{projected:.1f}s budget:{h.EVAL_BUDGET_SECONDS:.0f}s")
+        if c < n_chunks - 1 and adapting:
+            ts = time.perf_counter()
+            model.train()
+            lr = h.TTT_LR * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+            ttt_train_chunk(model_fn, state, val_tokens, c * C, min((c + 1) * C, n_targets), lr, h, ctx)
+            ctx.sync()
+            train_s.append(time.perf_counter() - ts)
+        if c % 10 == 0 or c == n_chunks - 1:
+            _, bpb = meter.result()
+            ctx.log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
+    model.requires_grad_(True)
+    model.eval()
+    vl, vb = meter.result()
+    ctx.log(f"ttt_sliding:done val_loss={vl:.6f} val_bpb={vb:.6f} elapsed={time.perf_counter() - t0:.1f}s")
+    return vl, vb
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: named stages
+# ----------------------------------------------------------------------------------------------
+
+def log_environment(h: Hyperparameters, ctx: Context):
+    with open(os.path.abspath(__file__), encoding="utf-8") as f:
+        ctx.log(f.read(), console=False)
+    ctx.log("=" * 100, console=False)
+    ctx.log(f"Running Python {sys.version}", console=False)
+    ctx.log(f"Running PyTorch {torch.__version__}", console=False)
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        smi = "nvidia-smi: not available"
+    ctx.log(smi, console=False)
+    ctx.log("=" * 100, console=False)
+    for name, value in h.items():
+        ctx.log(f"hparam:{name}={value}")
+
+
+def build_model(h: Hyperparameters, ctx: Context) -> GPT:
+    torch.manual_seed(h.SEED)
+    return GPT(h).to(ctx.device)
+
+
+def log_model(model: GPT, h: Hyperparameters, ctx: Context):
+    ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    ctx.log(f"XSA:last_{h.XSA_LAST_N} active_layers:{[b.layer for b in model.blocks if b.use_xsa]}")
+    ctx.log(f"world_size:{ctx.world} grad_accum_steps:{ctx.grad_accum}")
+    ctx.log(f"attention_mode:gqa num_heads:{h.NUM_HEADS} num_kv_heads:{h.NUM_KV_HEADS}")
+    ctx.log(f"tie_embeddings:True embed_lr:{h.TIED_EMBED_LR} head_lr:{h.TIED_EMBED_LR} "
+            f"matrix_lr:{h.MATRIX_LR} scalar_lr:{h.SCALAR_LR}")
+    ctx.log(f"train_batch_tokens:{h.TRAIN_BATCH_TOKENS} train_seq_len:{h.TRAIN_SEQ_LEN} iterations:{h.ITERATIONS} "
+            f"warmup_steps:{h.WARMUP_STEPS} max_wallclock_seconds:{h.MAX_WALLCLOCK_SECONDS:.3f}")
+    ctx.log(f"seed:{h.SEED}")
+
+
+def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> str:
+    """Train, calibrate inside the budget, report the pre-quantization score, write the artifact."""
+    local_batch_tokens(h, ctx)
+    ctx.log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.DATA_PATH))} "
+            f"train_shards:{len(list_shards(f'{h.DATA_PATH}/fineweb_train_*.bin'))}")
+    model = build_model(h, ctx)
+    log_model(model, h, ctx)
+    loader, clock = train_model(model, h, ctx, val_tokens, luts)
+    hessians = collect_hessians(model, loader, h, ctx, clock)
+    clock.pause()
+    t0 = time.perf_counter()
+    vl, vb = eval_val(compile_model(model, ctx), val_tokens, h, ctx, luts)
+    ctx.log(f"DIAGNOSTIC post_ema val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    return quantize_and_pack(model, hessians, h, ctx, {"prequant_val_loss": vl, "prequant_val_bpb": vb,
+                                                       "train_time_ms": clock.ms(), "seed": h.SEED})
+
+
+def load_eval_model(path: str, h: Hyperparameters, ctx: Context) -> tuple[GPT, dict]:
+    """Every rank reads the artifact from disk, as a fresh process would, into a freshly built model."""
+    config, meta, entries = read_artifact(path)
+    for k, v in config.items():
+        setattr(h, k, v)
+    h.ve_layers = [int(v) for v in h.VE_LAYERS.split(",") if v.strip()] if h.VE_ENABLED else []
+    h.head_dim, h.mlp_hidden = h.MODEL_DIM // h.NUM_HEADS, int(h.MLP_MULT * h.MODEL_DIM)
+    model = build_model(h, ctx)
+    state = {k: v.to(ctx.device) for k, v in dequantize_state(entries, h.NUM_LAYERS).items()}
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, meta
+
+
+def log_metric(ctx, name: str, vl: float, vb: float, extra: str = ""):
+    ctx.log(f"{name} val_loss:{vl:.4f} val_bpb:{vb:.4f}{extra}")
+    ctx.log(f"{name}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
+
+
+def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts):
+    """Roundtrip, sliding window and (if enabled) legal TTT on the reloaded artifact, timed as one budget."""
+    t_eval0 = time.perf_counter()
+    model, meta = load_eval_model(path, h, ctx)
+    model_fn = compile_model(model, ctx)
+    nll_out = torch.zeros(val_tokens.numel() - 1, device=ctx.device) if h.DUMP_TOKEN_NLL else None
+
+    def timed(fn, *args, **kw):
+        ctx.sync()
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        ctx.sync()
+        return out, 1000 * (time.perf_counter() - t)
+
+    (vl, vb), ms = timed(eval_val, model_fn, val_tokens, h, ctx, luts)
+    log_metric(ctx, "final_int6_roundtrip", vl, vb, f" eval_time:{ms:.0f}ms")
+    if "prequant_val_bpb" in meta:
+        ctx.log(f"quant_gap val_bpb:{vb - meta['prequant_val_bpb']:+.6f}")
+    (vl, vb), ms = timed(eval_val_sliding, model_fn, val_tokens, h, ctx, luts, None if h.TTT_ENABLED else nll_out)
+    log_metric(ctx, "final_int6_sliding_window", vl, vb, f" stride:{h.EVAL_STRIDE} eval_time:{ms:.0f}ms")
+    if h.TTT_ENABLED:
+        (vl, vb), ms = timed(eval_val_ttt, model, model_fn, val_tokens, h, ctx, luts, t_eval0, nll_out)
+        log_metric(ctx, "legal_ttt", vl, vb, f" eval_time:{ms:.0f}ms")
+    if nll_out is not None:
+        if dist.is_initialized():
+            dist.all_reduce(nll_out)  # each target was scored by exactly one rank
+        if ctx.master:
+            np.save(h.DUMP_TOKEN_NLL, nll_out.cpu().numpy().astype(np.float32))
+            ctx.log(f"dump_token_nll:{h.DUMP_TOKEN_NLL} targets:{nll_out.numel()}")
+    ctx.log(f"final_eval_time:{time.perf_counter() - t_eval0:.1f}s budget:{h.EVAL_BUDGET_SECONDS:.0f}s")
+
+
+def main():
+    h = Hyperparameters()
+    ctx = Context(h)
+    log_environment(h, ctx)
+    ctx.log(f"attention_backend:{set_attention_backend(ctx.device)}")
+    sp = load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
+    luts = build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device)
+    ctx.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.TOKENIZER_PATH}")
+    val_pattern = f"{h.DATA_PATH}/fineweb_val_*.bin"
+    val_tokens = load_validation_tokens(val_pattern, max(h.TRAIN_SEQ_LEN, h.EVAL_SEQ_LEN), h.VOCAB_SIZE).to(ctx.device)
+    ctx.log(f"val_loader:shards pattern={val_pattern} tokens:{val_tokens.numel() - 1}")
+    path = h.EVAL_ARTIFACT or stage_train(h, ctx, val_tokens, luts)
+    stage_evaluate(path, h, ctx, val_tokens, luts)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
