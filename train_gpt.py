@@ -178,7 +178,7 @@ class Hyperparameters:
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024
 
 
-def load_data_shard(path: str, vocab_size: int) -> Tensor:
+def load_data_shard(path: str, vocab_size: int) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"shard {path}: no such file")
     size = os.path.getsize(path)
@@ -196,7 +196,7 @@ def load_data_shard(path: str, vocab_size: int) -> Tensor:
     top = int(tokens.max())
     if top >= vocab_size:
         raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE {vocab_size} (wrong tokenizer/vocab?)")
-    return torch.from_numpy(tokens.astype(np.int32))
+    return tokens  # uint16; widened per batch, not per shard
 
 
 def list_shards(pattern: str) -> list[str]:
@@ -225,7 +225,7 @@ class TokenStream:
             return self._next_epoch()
         self.tokens, self.pos = load_data_shard(self.files[self.order.pop(0)], self.vocab_size), 0
 
-    def take(self, n: int) -> Tensor:
+    def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
@@ -233,7 +233,7 @@ class TokenStream:
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
-        return torch.cat(parts)
+        return np.concatenate(parts)
 
 
 class DistributedTokenLoader:
@@ -247,17 +247,17 @@ class DistributedTokenLoader:
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        chunk = chunk.to(torch.int64)
+        chunk = torch.from_numpy(chunk.astype(np.int64))
         x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tensor:
-    tokens = torch.cat([load_data_shard(f, vocab_size) for f in list_shards(pattern)])
-    usable = ((tokens.numel() - 1) // seq_len) * seq_len  # lineage rule: drop the < seq_len tail
+    tokens = np.concatenate([load_data_shard(f, vocab_size) for f in list_shards(pattern)])
+    usable = ((tokens.size - 1) // seq_len) * seq_len  # lineage rule: drop the < seq_len tail
     if usable <= 0:
-        raise ValueError(f"validation set {pattern} has {tokens.numel()} tokens, fewer than seq_len+1={seq_len + 1}")
-    return tokens[:usable + 1].to(torch.int64)
+        raise ValueError(f"validation set {pattern} has {tokens.size} tokens, fewer than seq_len+1={seq_len + 1}")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,8 +348,8 @@ def set_attention_backend(device) -> str:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D); GQA handled by the kernel."""
-    if _FLASH_FN is not None:
-        out = _FLASH_FN(q, k, v, causal=True)
+    if _FLASH_FN is not None:  # flash kernels take bf16 only; autocast does not cover them
+        out = _FLASH_FN(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds return (out, lse)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=True)
@@ -642,7 +642,7 @@ class Optimizers:
     def step(self, step: int, lr_mult: float):
         h = self.h
         bank_sq = self.muon.reduce_grads()
-        flat = torch.cat([p.grad.flatten() for p in self.small])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.small])
         if self.world > 1:
             dist.all_reduce(bank_sq)
             dist.all_reduce(flat)
@@ -772,7 +772,7 @@ def local_batch_tokens(h: Hyperparameters, ctx: Context) -> int:
     return h.TRAIN_BATCH_TOKENS // per
 
 
-def train_step(model_c, loader, opt: Optimizers, h, ctx, step: int, lr_mult: float) -> float:
+def train_step(model_c, loader, opt: Optimizers, h, ctx, step: int, lr_mult: float) -> Tensor:
     local = local_batch_tokens(h, ctx)
     total = 0.0
     for _ in range(ctx.grad_accum):
@@ -784,7 +784,7 @@ def train_step(model_c, loader, opt: Optimizers, h, ctx, step: int, lr_mult: flo
     opt.step(step, lr_mult)
     for p in opt.muon.banks + opt.small:
         p.grad = None
-    return float(total) / ctx.grad_accum
+    return total / ctx.grad_accum  # a tensor: reading it would sync the GPU every step
 
 
 class WeightAverages:
@@ -832,7 +832,7 @@ def compile_warmup(model, model_c, loader_fn, h, ctx):
 
 
 def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts):
-    """The timed loop. Returns (loader, clock) so calibration continues on the same data and clock."""
+    """The timed loop. Returns the compiled model, and the loader and clock that calibration continues on."""
     model_c = compile_model(model, ctx)
     loader_fn = lambda: DistributedTokenLoader(f"{h.DATA_PATH}/fineweb_train_*.bin", ctx.rank, ctx.world,
                                                ctx.device, h.VOCAB_SIZE, h.SEED)
@@ -841,7 +841,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
     budget_ms = 1000 * (h.MAX_WALLCLOCK_SECONDS - h.GPTQ_RESERVE_SECONDS) if h.MAX_WALLCLOCK_SECONDS > 0 else 0.0
     if h.MAX_WALLCLOCK_SECONDS > 0:
         ctx.log(f"gptq:reserving {1000 * h.GPTQ_RESERVE_SECONDS:.0f}ms from training budget, effective={budget_ms:.0f}ms")
-    clock, step, stop_after, train_loss = Clock(ctx), 0, None, float("nan")
+    clock, step, stop_after = Clock(ctx), 0, None
     clock.start()
     while True:
         last = step == h.ITERATIONS or stop_after is not None
@@ -859,7 +859,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
         averages.update(step, lr_mult, ctx)
         ms = clock.ms()
         if step <= 10 or (h.TRAIN_LOG_EVERY and step % h.TRAIN_LOG_EVERY == 0):
-            ctx.log(f"step:{step}/{h.ITERATIONS} train_loss:{train_loss:.4f} train_time:{ms:.0f}ms "
+            ctx.log(f"step:{step}/{h.ITERATIONS} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
                     f"step_avg:{ms / step:.2f}ms tok_s:{step * h.TRAIN_BATCH_TOKENS / max(ms / 1000, 1e-9):.0f}")
         if stop_after is None and budget_ms > 0 and ctx.any(ms >= budget_ms):
             stop_after = step
@@ -868,7 +868,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
         ctx.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     averages.apply(ctx)
-    return loader, clock
+    return model_c, loader, clock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -947,20 +947,22 @@ def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock
 
 
 def _gptq_pass(W: Tensor, Hinv: Tensor, s: Tensor, qmax: int, block: int) -> Tensor:
-    """Column-by-column quantization with error feedback through the inverse-Hessian Cholesky factor."""
-    W, Q = W.clone(), torch.zeros_like(W)
-    cols = W.size(1)
+    """Column-by-column quantization with error feedback through the inverse-Hessian Cholesky factor.
+    Works on W^T so that each column is a contiguous row (several times faster on CPU)."""
+    Wt = W.T.contiguous()
+    Qt = torch.zeros_like(Wt)
+    cols = Wt.size(0)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1, Hi, E1 = W[:, i1:i2], Hinv[i1:i2, i1:i2], torch.zeros_like(W[:, i1:i2])
+        Hi, E = Hinv[i1:i2, i1:i2], torch.zeros_like(Wt[i1:i2])
         for j in range(i2 - i1):
-            q = torch.clamp(torch.round(W1[:, j] / s), -qmax, qmax)
-            Q[:, i1 + j] = q
-            e = (W1[:, j] - q * s) / Hi[j, j]
-            W1[:, j:] -= e[:, None] * Hi[j, j:][None, :]
-            E1[:, j] = e
-        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    return Q
+            w = Wt[i1 + j]
+            q = torch.clamp(torch.round(w / s), -qmax, qmax)
+            Qt[i1 + j] = q
+            E[j] = (w - q * s) / Hi[j, j]
+            Wt[i1 + j + 1:i2] -= Hi[j, j + 1:, None] * E[j][None, :]
+        Wt[i2:] -= Hinv[i1:i2, i2:].T @ E
+    return Qt.T
 
 
 def row_scales(W: Tensor, qmax: int) -> Tensor:
@@ -973,10 +975,12 @@ def row_scales(W: Tensor, qmax: int) -> Tensor:
 def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128, damp: float = 0.01):
     """Full GPTQ (act-order, Cholesky inverse, 128-column blocks, damping). Every clip candidate is run
     (stacked as extra rows: rows are independent given H) and each row keeps the candidate with the
-    lowest Hessian-weighted error (w - q s) H (w - q s)^T. H = None means identity: plain rounding."""
+    lowest Hessian-weighted error (w - q s) H (w - q s)^T. H = None: plain rounding (quantize_rows)."""
     W = W.float()
     rows, cols = W.shape
-    H = torch.eye(cols, device=W.device) if H is None else H.float().clone()
+    if H is None:
+        return quantize_rows(W, qmax)
+    H = H.float().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W = W.masked_fill(dead[None, :], 0.0)
@@ -998,8 +1002,14 @@ def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128,
 
 
 def quantize_rows(W: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """Round-to-nearest per row with the clip candidate of least squared error (int8 embeddings)."""
-    return gptq_quantize(W, None, qmax)
+    """Round-to-nearest per row with the clip candidate of least squared error: what GPTQ reduces to
+    when H is the identity. Used for int8 embeddings and for matrices without a Hessian."""
+    W = W.float()
+    scales = row_scales(W, qmax)
+    Q = torch.clamp(torch.round(W[None] / scales[:, :, None]), -qmax, qmax)
+    best = (W[None] - Q * scales[:, :, None]).square().sum(-1).argmin(0)
+    pick = torch.arange(W.size(0), device=W.device)
+    return Q[best, pick].to(torch.int8), scales[best, pick].half()
 
 
 def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, ctx: Context):
@@ -1319,11 +1329,13 @@ def ttt_train_chunk(model_fn, state: TTTState, val_tokens: Tensor, lo: int, hi: 
             batch = starts[b:b + h.TTT_BATCH_SEQS]
             count = sum(min(s + L, hi) - s for s in batch)
             state.opt.zero_grad(set_to_none=False)
-            for s in np.array_split(np.array(batch, dtype=np.int64), ctx.world)[ctx.rank]:
-                e = min(int(s) + L, hi)
-                seq = val_tokens[int(s):e + 1]
+            mine = [int(s) for s in np.array_split(np.array(batch, dtype=np.int64), ctx.world)[ctx.rank]]
+            full = [s for s in mine if s + L <= hi]  # stacked into one batch; a short tail goes alone
+            groups = ([torch.stack([val_tokens[s:s + L + 1] for s in full])] if full else []) + \
+                [val_tokens[s:hi + 1][None] for s in mine if s + L > hi]
+            for seqs in groups:
                 with ctx.autocast():
-                    loss = model_fn(seq[None, :-1], seq[None, 1:]).sum() / count
+                    loss = model_fn(seqs[:, :-1], seqs[:, 1:]).sum() / count
                 loss.backward()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in state.params]
             flat = torch.cat([g.flatten() for g in grads])
@@ -1428,11 +1440,11 @@ def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> s
             f"train_shards:{len(list_shards(f'{h.DATA_PATH}/fineweb_train_*.bin'))}")
     model = build_model(h, ctx)
     log_model(model, h, ctx)
-    loader, clock = train_model(model, h, ctx, val_tokens, luts)
+    model_c, loader, clock = train_model(model, h, ctx, val_tokens, luts)
     hessians = collect_hessians(model, loader, h, ctx, clock)
     clock.pause()
     t0 = time.perf_counter()
-    vl, vb = eval_val(compile_model(model, ctx), val_tokens, h, ctx, luts)
+    vl, vb = eval_val(model_c, val_tokens, h, ctx, luts)
     ctx.log(f"DIAGNOSTIC post_ema val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     return quantize_and_pack(model, hessians, h, ctx, {"prequant_val_loss": vl, "prequant_val_bpb": vb,
                                                        "train_time_ms": clock.ms(), "seed": h.SEED})

@@ -75,7 +75,7 @@ def _shard(tmp_path, name, tokens, **header):
 def test_shard_round_trip(tmp_path):
     toks = np.random.default_rng(0).integers(0, 300, 1000)
     p = _shard(tmp_path, "fineweb_train_000000.bin", toks)
-    assert tg.load_data_shard(str(p), 320).numpy().tolist() == toks.tolist()
+    assert tg.load_data_shard(str(p), 320).tolist() == toks.tolist()
 
 
 @pytest.mark.parametrize("kind, needle", [
@@ -310,3 +310,35 @@ def test_two_gloo_ranks_equal_one_rank_with_accumulation(tiny_tokenizer, tiny_da
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
     assert not torch.allclose(a["qo_bank"], init["qo_bank"])  # the steps did move the weights
+
+
+def test_compile_warmup_is_undone(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
+    """Warm-up steps run for real, then weights, optimizer state and data order are restored."""
+    monkeypatch.chdir(tmp_path)
+    h = _tiny_h(tiny_tokenizer, tiny_data, WARMUP_STEPS=3)
+    ctx = tg.Context(h)
+    model = tg.build_model(h, ctx)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    loader_fn = lambda: tg.DistributedTokenLoader(f"{h.DATA_PATH}/fineweb_train_*.bin", 0, 1, "cpu", h.VOCAB_SIZE, h.SEED)
+    opt, loader = tg.compile_warmup(model, model, loader_fn, h, ctx)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, init[k]), k
+    assert all(m.abs().sum() == 0 for m in opt.muon.momentum) and not opt.adam.state
+    x, _ = loader.next_batch(128, 32)
+    assert torch.equal(x, loader_fn().next_batch(128, 32)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash kernels need CUDA")
+def test_flash_backend_matches_sdpa_on_gpu():
+    """FA3/FA2 (whichever imports) agree with SDPA within bf16 tolerance."""
+    name, fn = tg._pick_attention(torch.device("cuda"))
+    if fn is None:
+        pytest.skip("no flash-attn package on this GPU machine")
+    q, k, v = (torch.randn(2, 256, n, 64, device="cuda", dtype=torch.bfloat16) for n in (8, 4, 4))
+    ref = tg.causal_attention(q, k, v)
+    tg._FLASH_FN = fn
+    try:
+        out = tg.causal_attention(q, k, v)
+    finally:
+        tg._FLASH_FN = None
+    assert (out.float() - ref.float()).abs().max() < 2e-2

@@ -52,3 +52,17 @@ def test_eval_artifact_reproduces_numbers(trained, tmp_path):
     assert "step:" not in relog.split("=" * 100)[-1]  # no training happened
     a, b = np.load(d / "nll.npy"), np.load(tmp_path / "nll.npy")
     assert a.dtype == np.float32 and np.array_equal(a, b) and (a > 0).all()
+
+
+def test_records_tool_reads_our_log(trained):
+    """records/tool.py parses a real log of this script: complete, with the legal metric and byte total."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("records_tool", ROOT / "records" / "tool.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    _, _, log = trained
+    run = tool.parse_log(log)
+    assert run["status"] == "complete", run.get("problems")
+    assert run["legal_metric"]["name"] == "legal_ttt_exact"
+    assert run["legal_metric"]["val_bpb"] == metric(log, "legal_ttt_exact")[1]
+    assert run["sizes"]["total"] <= 16_000_000
