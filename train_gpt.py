@@ -927,7 +927,8 @@ def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock
     model.observe = observe
     try:
         while batches < h.GPTQ_CALIB_BATCHES:
-            per_batch = (clock.ms() - start) / batches if batches else 0.0
+            # before the first batch, assume each batch costs its share of the reserve
+            per_batch = (clock.ms() - start) / batches if batches else 1000 * h.GPTQ_RESERVE_SECONDS / h.GPTQ_CALIB_BATCHES
             if ctx.any(clock.ms() + 1.5 * per_batch >= deadline):
                 break
             x, y = loader.next_batch(local, h.TRAIN_SEQ_LEN)
@@ -969,7 +970,7 @@ def row_scales(W: Tensor, qmax: int) -> Tensor:
     """One candidate scale per (quantile, row): shape (len(CLIP_QUANTILES), rows), rounded to fp16."""
     a = W.abs()
     clips = torch.stack([a.amax(1) if qt == 1.0 else torch.quantile(a, qt, dim=1) for qt in CLIP_QUANTILES])
-    return (clips / qmax).clamp_min(1e-8).half().float()
+    return (clips / qmax).clamp(2 ** -24, 65504).half().float()  # stays positive and finite in fp16
 
 
 def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128, damp: float = 0.01):
@@ -1013,24 +1014,28 @@ def quantize_rows(W: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
 
 
 def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, ctx: Context):
-    """Routes every tensor: bank matrices -> GPTQ int6; other large matrices -> int8 rows; rest -> fp16."""
+    """Routes every tensor: bank matrices -> GPTQ int6; other large matrices -> int8 rows; rest -> fp16.
+    Matrices sharing an input (c_q, c_k, c_v) share one GPTQ pass: rows are independent given H."""
     t0 = time.perf_counter()
     state = unbank({k: v.detach().float() for k, v in model.state_dict().items()}, h.NUM_LAYERS)
-    entries, n_gptq = {}, 0
+    entries, groups = {}, {}
     for name, W in state.items():
         key = hessian_key(name)
         if key is not None:
-            H = hessians.get(key)
-            q, s = gptq_quantize(W, H, 31, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
-            cost = H.diagonal() if H is not None else torch.ones(W.size(1), device=W.device)
-            entries[name] = {"kind": "int6", "q": q, "scale": s, "cost": cost}
-            n_gptq += H is not None
+            groups.setdefault(key, []).append(name)
         elif W.dim() == 2 and W.numel() > PASSTHROUGH_MAX:
             q, s = quantize_rows(W, 127)
             entries[name] = {"kind": "int8", "q": q, "scale": s}
         else:
             entries[name] = {"kind": "fp16", "data": W.half()}
+    for key, names in groups.items():
+        H, W = hessians.get(key), torch.cat([state[n] for n in names])
+        q, s = gptq_quantize(W, H, 31, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
+        cost = H.diagonal() if H is not None else torch.ones(W.size(1), device=W.device)
+        for n, qn, sn in zip(names, q.split([state[n].size(0) for n in names]), s.split([state[n].size(0) for n in names])):
+            entries[n] = {"kind": "int6", "q": qn.contiguous(), "scale": sn.contiguous(), "cost": cost}
     ctx.sync()
+    n_gptq = sum(len(v) for k, v in groups.items() if k in hessians)
     ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors in {time.perf_counter() - t0:.1f}s")
     return entries
 
@@ -1090,15 +1095,21 @@ def serialize(entries: dict, config: dict, meta: dict, layout: str) -> bytes:
 
 
 def deserialize(payload: bytes) -> tuple[dict, dict, dict]:
+    if len(payload) < 4 or 4 + struct.unpack_from("<I", payload)[0] > len(payload):
+        raise ValueError("artifact payload is shorter than its header length says (corrupt)")
     (hlen,) = struct.unpack_from("<I", payload)
-    header = json.loads(payload[4:4 + hlen])
+    try:
+        header = json.loads(payload[4:4 + hlen])
+    except ValueError as e:
+        raise ValueError(f"artifact header is not valid JSON ({e}) (corrupt)") from None
     pos, entries, layout = 4 + hlen, {}, header["layout"]
 
     def take(nbytes, dtype, shape):
         nonlocal pos
         if pos + nbytes > len(payload):
             raise ValueError("artifact payload is shorter than its header says (corrupt)")
-        t = torch.frombuffer(bytearray(payload[pos:pos + nbytes]), dtype=dtype).reshape(shape)
+        raw = bytearray(payload[pos:pos + nbytes])
+        t = (torch.frombuffer(raw, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)).reshape(shape)
         pos += nbytes
         return t
 
@@ -1146,11 +1157,15 @@ def read_artifact(path: str) -> tuple[dict, dict, dict]:
 def write_atomic(path: str, data: bytes):
     """A crash never leaves a half-written file under the final name."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def compress_best(entries, config, meta, ctx, layouts=LAYOUTS, codecs=None) -> tuple[bytes, str, str]:
