@@ -428,7 +428,7 @@ def check(folder: Path, against: Path | None) -> int:
     if sub_path.is_file():
         sub = json.loads(sub_path.read_text())
         missing = [k for k in ("name", "author", "github_id", "date", "val_bpb", "bytes_total", "blurb") if k not in sub]
-        add(not missing, f"submission.json has the required fields" + (f" (missing {missing})" if missing else ""))
+        add(not missing, "submission.json has the required fields" + (f" (missing {missing})" if missing else ""))
         # lineage READMEs round to 4 decimals, so allow half a unit in the 4th
         if "val_bpb" in sub:
             add(abs(sub["val_bpb"] - bpb) <= 5e-5, f"submission.json val_bpb {sub['val_bpb']} == mean legal val_bpb {bpb:.8f}")

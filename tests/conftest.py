@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,3 +88,45 @@ def run_script(tmp_path, env: dict, nproc: int = 1, timeout: int = 300) -> subpr
     cmd = [sys.executable, script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+class FakeCtx:
+    """Single-process stand-in for train_gpt.Context (world/rank settable) that keeps the log in a list."""
+    device, cuda, grad_accum = torch.device("cpu"), False, 8
+
+    def __init__(self, world: int = 1, rank: int = 0, master: bool = False):
+        self.world, self.rank, self.master, self.logs = world, rank, master, []
+
+    def log(self, msg: str = "", console: bool = True):
+        self.logs.append(msg)
+
+    def sync(self):
+        pass
+
+    def barrier(self):
+        pass
+
+    def any(self, flag):
+        return flag
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+
+def random_model(h, seed: int = 0, noise: float = 0.1):
+    """A GPT whose weights look trained: no all-zero banks, so every prediction depends on its context."""
+    import train_gpt as tg
+    torch.manual_seed(seed)
+    m = tg.GPT(h)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return m.eval()
+
+
+def metric(log: str, name: str) -> tuple[float, float]:
+    """(val_loss, val_bpb) of the first `name val_loss:… val_bpb:…` line of a log."""
+    import re
+    m = re.search(rf"^{name} val_loss:([\d.]+) val_bpb:([\d.]+)", log, re.M)
+    assert m, f"no {name} line in log"
+    return float(m.group(1)), float(m.group(2))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import make_text, run_script, tiny_env, write_shard
+from conftest import make_text, tiny_env, write_shard
 
 
 # ---------------------------------------------------------------- configuration

@@ -5,13 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script, tiny_env
-
-
-def metric(log: str, name: str) -> tuple[float, float]:
-    m = re.search(rf"^{name} val_loss:([\d.]+) val_bpb:([\d.]+)", log, re.M)
-    assert m, f"no {name} line in log"
-    return float(m.group(1)), float(m.group(2))
+from conftest import ROOT, metric, run_script, tiny_env
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Evaluation: exact sliding-window coverage, full-context equality, score-first TTT legality, byte counting,
 the eval budget guard, and 1-rank == 2-rank results through the script."""
 import copy
-import os
 import re
 import time
 
@@ -11,44 +10,11 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from conftest import make_text, run_script, tiny_env
-
-
-class Ctx:
-    """Single-process stand-in for tg.Context (world/rank settable) that keeps the log in a list."""
-    device, cuda, master, grad_accum = torch.device("cpu"), False, False, 8
-
-    def __init__(self, world: int = 1, rank: int = 0):
-        self.world, self.rank, self.logs = world, rank, []
-
-    def log(self, msg: str = "", console: bool = True):
-        self.logs.append(msg)
-
-    def sync(self):
-        pass
-
-    def barrier(self):
-        pass
-
-    def any(self, flag):
-        return flag
-
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)
+from conftest import FakeCtx as Ctx, make_text, metric, random_model, run_script, tiny_env
 
 
 def hparams(**over) -> tg.Hyperparameters:
     return tg.Hyperparameters(tiny_env("unused.model", "unused", **over))
-
-
-def random_model(h, seed: int = 0, noise: float = 0.1) -> tg.GPT:
-    """A GPT with non-zero output projections, so every prediction depends on its context."""
-    torch.manual_seed(seed)
-    m = tg.GPT(h)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(noise * torch.randn_like(p))
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
@@ -316,11 +282,6 @@ def test_budget_guard_stops_adaptation_but_scores_everything(sp, luts, meters, h
 
 # ---------------------------------------------------------------- through the script: 1 rank == 2 ranks
 
-def exact(log: str, name: str) -> tuple[float, float]:
-    m = re.search(rf"^{name}_exact val_loss:([\d.]+) val_bpb:([\d.]+)", log, re.M)
-    assert m, f"no {name}_exact line"
-    return float(m.group(1)), float(m.group(2))
-
 
 @pytest.fixture(scope="module")
 def rank_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
@@ -352,9 +313,9 @@ def test_two_ranks_match_one_rank(rank_runs):
     assert "ttt:budget_stop" not in log1 + log2
     assert re.search(r"^ttt_sliding:start chunks=67 chunk_tokens=100 ", log2, re.M)
     for name, rel in (("final_int6_roundtrip", 1e-7), ("final_int6_sliding_window", 1e-7), ("legal_ttt", 1e-5)):
-        (l1, b1), (l2, b2) = exact(log1, name), exact(log2, name)
+        (l1, b1), (l2, b2) = metric(log1, name + "_exact"), metric(log2, name + "_exact")
         assert l2 == pytest.approx(l1, rel=rel) and b2 == pytest.approx(b1, rel=rel), name
-    assert exact(log1, "legal_ttt") != exact(log1, "final_int6_sliding_window")  # TTT did something
+    assert metric(log1, "legal_ttt_exact") != metric(log1, "final_int6_sliding_window_exact")  # TTT did something
 
 
 def test_two_rank_token_nll_dump_equals_one_rank(rank_runs):
@@ -364,5 +325,5 @@ def test_two_rank_token_nll_dump_equals_one_rank(rank_runs):
     assert a.shape == b.shape == (n,) and a.dtype == b.dtype == np.float32
     assert (a > 0).all() and (b > 0).all()
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
-    loss, _ = exact(log1, "legal_ttt")
+    loss, _ = metric(log1, "legal_ttt_exact")
     assert a.astype(np.float64).mean() == pytest.approx(loss, rel=1e-6)  # the dump is what legal_ttt scored

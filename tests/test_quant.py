@@ -8,30 +8,9 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, run_script, tiny_env
+from conftest import ROOT, FakeCtx as Ctx, random_model, run_script, tiny_env
 
 
-class Ctx:
-    """Single-process stand-in for tg.Context that keeps the log in a list."""
-    world, rank, grad_accum, device, cuda = 1, 0, 8, torch.device("cpu"), False
-
-    def __init__(self, master: bool = False):
-        self.master, self.logs = master, []
-
-    def log(self, msg: str = "", console: bool = True):
-        self.logs.append(msg)
-
-    def sync(self):
-        pass
-
-    def barrier(self):
-        pass
-
-    def any(self, flag):
-        return flag
-
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)
 
 
 class RandomLoader:
@@ -61,16 +40,6 @@ def hparams(**over) -> tg.Hyperparameters:
     return tg.Hyperparameters(tiny_env("unused.model", "unused", **{"VOCAB_SIZE": 4096, **over}))
 
 
-def random_model(h, seed: int = 0, noise: float = 0.05) -> tg.GPT:
-    """A GPT whose weights look trained: no all-zero banks, context-dependent predictions."""
-    torch.manual_seed(seed)
-    m = tg.GPT(h)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(noise * torch.randn_like(p))
-    return m.eval()
-
-
 def config_of(h):
     return {k: getattr(h, k) for k in tg.MODEL_KEYS}
 
@@ -79,7 +48,7 @@ def config_of(h):
 def quantized():
     """(h, model, hessians, entries) for a 3-layer model calibrated on random tokens."""
     h = hparams(GPTQ_CALIB_BATCHES=2)
-    model = random_model(h)
+    model = random_model(h, noise=0.05)
     ctx = Ctx()
     clock = tg.Clock(ctx)
     clock.start()
@@ -191,7 +160,7 @@ def test_dequantized_state_loads_strictly_and_stays_close(quantized, tmp_path):
 def test_one_layer_model_roundtrips(tmp_path):
     """NUM_LAYERS=1 (zero-row skip_weights) still packs, reads back and loads strictly."""
     h = hparams(NUM_LAYERS=1, XSA_LAST_N=1, VE_LAYERS="0")
-    model = random_model(h)
+    model = random_model(h, noise=0.05)
     entries = tg.quantize_state(model, {}, h, Ctx())
     path = tmp_path / "m.ptz"
     tg.write_atomic(str(path), tg.pack(tg.serialize(entries, config_of(h), {}, "row"), "lzma"))
@@ -536,7 +505,7 @@ def test_collect_hessians_are_xtx_of_every_quantized_matmul_input(monkeypatch):
     """One symmetric PSD Hessian per quantized-matmul input (qkv, proj, fc, mlp.proj per layer), of the right
     size, equal to X^T X of the inputs actually fed to those matrices, over GPTQ_CALIB_BATCHES batches."""
     h = hparams(GPTQ_CALIB_BATCHES=3, VOCAB_SIZE=320)
-    model, ctx, n = random_model(h), Ctx(), h.NUM_LAYERS
+    model, ctx, n = random_model(h, noise=0.05), Ctx(), h.NUM_LAYERS
     seen = []
     real_linear = tg.F.linear
 
@@ -579,10 +548,10 @@ def test_calibration_at_or_past_the_deadline_collects_nothing(now_ms):
     quantization then still works (plain rounding)."""
     h = hparams(MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_BATCHES=5, VOCAB_SIZE=320)
     loader, ctx = RandomLoader(h.VOCAB_SIZE), Ctx()
-    hess = tg.collect_hessians(random_model(h), loader, h, ctx, FakeClock(now_ms))
+    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, FakeClock(now_ms))
     assert hess == {} and loader.calls == 0
     assert any(re.search(r"gptq:calibration end .* tokens:0 layers:0", m) for m in ctx.logs)
-    entries = tg.quantize_state(random_model(h), hess, h, ctx)
+    entries = tg.quantize_state(random_model(h, noise=0.05), hess, h, ctx)
     assert sum(e["kind"] == "int6" for e in entries.values()) == 6 * h.NUM_LAYERS
 
 
@@ -591,7 +560,7 @@ def test_calibration_near_the_deadline_does_not_overrun_it():
     h = hparams(MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_BATCHES=5, VOCAB_SIZE=320)
     clock = FakeClock(1990.0)
     loader = RandomLoader(h.VOCAB_SIZE, clock=clock, cost_ms=100.0)
-    hess = tg.collect_hessians(random_model(h), loader, h, Ctx(), clock)
+    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, Ctx(), clock)
     assert clock.t <= 2000.0 and loader.calls == 0 and hess == {}, (clock.t, loader.calls)
 
 
@@ -600,7 +569,7 @@ def test_calibration_stops_before_the_deadline():
     h = hparams(MAX_WALLCLOCK_SECONDS=1, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIB_BATCHES=100, VOCAB_SIZE=320)
     clock = FakeClock(450.0)
     loader, ctx = RandomLoader(h.VOCAB_SIZE, clock=clock, cost_ms=100.0), Ctx()
-    hess = tg.collect_hessians(random_model(h), loader, h, ctx, clock)
+    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, clock)
     assert clock.t <= 1000.0 and loader.calls >= 3, (clock.t, loader.calls)
     assert len(hess) == 4 * h.NUM_LAYERS
     assert any(f"tokens:{loader.calls * 128} " in m for m in ctx.logs)
