@@ -1,0 +1,134 @@
+"""Benchmark of train_gpt.py's stages on whatever device it runs on (not collected by pytest).
+
+    python tests/benchmarks/bench.py [--seqs 48] [--steps 10] [--out results/<device>_<date>.md]
+
+Measures the competition's per-rank training step (48 x 2048 tokens: forward, backward, optimizer),
+tokens/s, model FLOPs utilization, peak memory; sliding-window eval throughput; one TTT chunk;
+Hessian collection, GPTQ solve and compression. Projects the 8xH100 budgets from these numbers.
+Model shape comes from the usual env vars (defaults = the record configuration).
+"""
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+import train_gpt as tg  # noqa: E402
+
+VAL_TARGETS = 62_021_632  # scored positions of the challenge's validation split
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
+
+
+class RandomLoader:
+    def __init__(self, vocab, device):
+        self.vocab, self.device = vocab, device
+
+    def next_batch(self, local, seq_len):
+        x = torch.randint(0, self.vocab, (local // seq_len, seq_len + 1), device=self.device)
+        return x[:, :-1], x[:, 1:]
+
+
+def timed(ctx, fn, reps=1):
+    fn()  # warm-up (compilation)
+    ctx.sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    ctx.sync()
+    return (time.perf_counter() - t) / reps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", type=int, default=48, help="sequences per rank per step")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--eval-windows", type=int, default=256)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    h = tg.Hyperparameters()
+    ctx = tg.Context(h)
+    backend = tg.set_attention_backend(ctx.device)
+    L, V = h.TRAIN_SEQ_LEN, h.VOCAB_SIZE
+    ctx.grad_accum = 1  # one micro-batch of --seqs sequences = the 8-GPU per-rank step
+    h.TRAIN_BATCH_TOKENS = a.seqs * L * ctx.world
+    model = tg.build_model(h, ctx)
+    with torch.no_grad():  # trained-looking weights: non-zero output projections
+        model.qo_bank[h.NUM_LAYERS:].normal_(std=0.02)
+        model.mlp_down_bank.normal_(std=0.02)
+    model_c = tg.compile_model(model, ctx)
+    opt, loader = tg.Optimizers(model, h, ctx.rank, ctx.world), RandomLoader(V, ctx.device)
+    rows = []
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_s = timed(ctx, lambda: tg.train_step(model_c, loader, opt, h, ctx, 100, 1.0), a.steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = a.seqs * L
+    d, nl = h.MODEL_DIM, h.NUM_LAYERS
+    flops = 6 * tokens * (n_params - V * d) + 6 * tokens * V * d + 12 * nl * a.seqs * L * L * d / 2  # causal attn
+    name = torch.cuda.get_device_name() if ctx.cuda else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    rows += [("train step (ms)", f"{1000 * step_s:.1f}"), ("tokens/s per rank", f"{tokens / step_s:,.0f}"),
+             ("model TFLOP/s", f"{flops / step_s / 1e12:.1f}"),
+             ("MFU", f"{100 * flops / step_s / 1e12 / peak:.1f}%" if peak else "n/a")]
+    if ctx.cuda:
+        rows.append(("peak memory (MiB)", f"{torch.cuda.max_memory_allocated() // 2**20}"))
+    budget = h.MAX_WALLCLOCK_SECONDS - h.GPTQ_RESERVE_SECONDS
+    rows.append((f"steps in {budget:.0f} s (8 GPUs, same per-rank step)", f"{budget / step_s:,.0f}"))
+    # sliding eval: windows/s for full windows, stride EVAL_STRIDE
+    W = h.EVAL_SEQ_LEN
+    val = torch.randint(0, V, (a.eval_windows * h.EVAL_STRIDE + W + 1,), device=ctx.device)
+    luts = (torch.ones(V, dtype=torch.int16, device=ctx.device), torch.zeros(V, dtype=torch.bool, device=ctx.device),
+            torch.zeros(V, dtype=torch.bool, device=ctx.device))
+    model.eval()
+    sl_s = timed(ctx, lambda: tg.eval_val_sliding(model_c, val, h, ctx, luts))
+    n_win = len(tg.sliding_windows(val.numel() - 1, W, h.EVAL_STRIDE))
+    total_win = VAL_TARGETS // h.EVAL_STRIDE
+    rows += [("sliding eval (windows/s)", f"{n_win / sl_s:,.0f}"),
+             ("full-val sliding on 8 GPUs (s)", f"{total_win / (n_win / sl_s) / 8:.1f}")]
+    # one TTT chunk: score its windows, then TTT_EPOCHS of training on it
+    state = tg.TTTState(model, h)
+    C = h.TTT_CHUNK_TOKENS
+    chunk = torch.randint(0, V, (C + W + 1,), device=ctx.device)
+    wins = tg.sliding_windows(C, W, h.EVAL_STRIDE)
+    def ttt_chunk():
+        tg.score_windows(model_c, chunk, wins, h, ctx, luts, tg.BpbMeter(ctx.device), None)
+        model.train()
+        tg.ttt_train_chunk(model_c, state, chunk, 0, C, h.TTT_LR, h, ctx)
+        model.eval()
+    ttt_s = timed(ctx, ttt_chunk)
+    n_chunks = -(-VAL_TARGETS // C)
+    rows += [("one TTT chunk, 1 GPU (s)", f"{ttt_s:.2f}"),
+             ("full-val TTT on 8 GPUs (s, if chunk work splits 8 ways)", f"{ttt_s * n_chunks / 8:.1f}")]
+    model.requires_grad_(True)
+    # Hessians, GPTQ, compression
+    h.GPTQ_CALIB_BATCHES, h.MAX_WALLCLOCK_SECONDS = 4, 0
+    clock = tg.Clock(ctx)
+    clock.start()
+    t = time.perf_counter()
+    hess = tg.collect_hessians(model, loader, h, ctx, clock)
+    rows.append(("Hessians, 4 batches (s)", f"{time.perf_counter() - t:.2f}"))
+    t = time.perf_counter()
+    entries = tg.quantize_state(model, hess, h, ctx)
+    ctx.sync()
+    rows.append(("GPTQ solve, all matrices (s)", f"{time.perf_counter() - t:.2f}"))
+    payload = tg.serialize(entries, {k: getattr(h, k) for k in tg.MODEL_KEYS}, {}, "row")
+    for codec in tg.available_codecs():
+        t = time.perf_counter()
+        n = len(tg.pack(payload, codec))
+        rows.append((f"compress {codec} (s / bytes, untrained weights)", f"{time.perf_counter() - t:.1f} / {n:,}"))
+    head = [f"# train_gpt.py benchmark: {name}, {datetime.date.today()}",
+            f"attention backend: {backend}; torch {torch.__version__}; per-rank batch {a.seqs}x{L}; "
+            f"params {n_params:,}", "", "| measure | value |", "| --- | --- |"]
+    text = "\n".join(head + [f"| {k} | {v} |" for k, v in rows]) + "\n"
+    print(text)
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
