@@ -857,6 +857,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
         train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
         step += 1
         averages.update(step, lr_mult, ctx)
+        ctx.sync()  # the cap is judged on finished GPU work, not on queued kernels
         ms = clock.ms()
         if step <= 10 or (h.TRAIN_LOG_EVERY and step % h.TRAIN_LOG_EVERY == 0):
             ctx.log(f"step:{step}/{h.ITERATIONS} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
