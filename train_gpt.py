@@ -131,6 +131,12 @@ class Hyperparameters:
         for name, typ, default in HPARAMS:
             setattr(self, name, _parse(name, typ, env[name]) if name in env else default)
         self.RUN_ID = self.RUN_ID or str(uuid.uuid4())
+        self.update({})
+
+    def update(self, values: dict):
+        """Sets values (e.g. an artifact's model shape), re-validates and re-derives dependent fields."""
+        for name, value in values.items():
+            setattr(self, name, value)
         self._validate()
         self.ve_layers = [int(v) for v in self.VE_LAYERS.split(",") if v.strip()] if self.VE_ENABLED else []
         self.head_dim = self.MODEL_DIM // self.NUM_HEADS
@@ -616,6 +622,18 @@ class ParallelMuon:
             b.mul_(1 - self.lr * self.wd).sub_(u[:b.size(0)], alpha=self.lr)
 
 
+def flat_grads(params: list[Tensor]) -> Tensor:
+    """All gradients in one buffer (zeros for a parameter without one) so a rank joins one all-reduce."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+
+
+def set_grads(params: list[Tensor], flat: Tensor):
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 def split_params(model: GPT) -> tuple[list, list, list]:
     banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
     embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.ve_shared) if m is not None]
@@ -642,17 +660,14 @@ class Optimizers:
     def step(self, step: int, lr_mult: float):
         h = self.h
         bank_sq = self.muon.reduce_grads()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.small])
+        flat = flat_grads(self.small)
         if self.world > 1:
             dist.all_reduce(bank_sq)
             dist.all_reduce(flat)
             flat /= self.world
         norm = (bank_sq + flat.float().square().sum()).sqrt()
         coef = (h.GRAD_CLIP_NORM / (norm + 1e-6)).clamp(max=1.0) if h.GRAD_CLIP_NORM > 0 else torch.ones_like(norm)
-        offset = 0
-        for p in self.small:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p) * coef)
-            offset += p.numel()
+        set_grads(self.small, flat * coef)
         for g in self.adam.param_groups:
             g["lr"] = g["base_lr"] * lr_mult
         self.adam.step()
@@ -749,6 +764,8 @@ class Clock:
         self.t0 = None
 
     def ms(self) -> float:
+        """Judged on finished GPU work, not on queued kernels."""
+        self.ctx.sync()
         return self.total + (1000 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
 
 
@@ -857,7 +874,6 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
         train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
         step += 1
         averages.update(step, lr_mult, ctx)
-        ctx.sync()  # the cap is judged on finished GPU work, not on queued kernels
         ms = clock.ms()
         if step <= 10 or (h.TRAIN_LOG_EVERY and step % h.TRAIN_LOG_EVERY == 0):
             ctx.log(f"step:{step}/{h.ITERATIONS} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
@@ -978,11 +994,10 @@ def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128,
     """Full GPTQ (act-order, Cholesky inverse, 128-column blocks, damping). Every clip candidate is run
     (stacked as extra rows: rows are independent given H) and each row keeps the candidate with the
     lowest Hessian-weighted error (w - q s) H (w - q s)^T. H = None: plain rounding (quantize_rows)."""
-    W = W.float()
-    rows, cols = W.shape
     if H is None:
         return quantize_rows(W, qmax)
-    H = H.float().clone()
+    W, H = W.float(), H.float().clone()
+    rows, cols = W.shape
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W = W.masked_fill(dead[None, :], 0.0)
@@ -995,12 +1010,8 @@ def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128,
     Wp = W[:, perm]
     Q = _gptq_pass(Wp.repeat(K, 1), Hinv, scales.reshape(-1), qmax, block).view(K, rows, cols)
     D = Wp[None] - Q * scales[:, :, None]
-    err = torch.einsum("krc,cd,krd->kr", D, Hp, D)
-    best = err.argmin(0)
-    pick = torch.arange(rows, device=W.device)
-    Qb, sb = Q[best, pick], scales[best, pick]
-    Qb = Qb[:, torch.argsort(perm)]
-    return Qb.to(torch.int8), sb.half()
+    q, s = _best_per_row(Q, scales, torch.einsum("krc,cd,krd->kr", D, Hp, D))
+    return q[:, torch.argsort(perm)], s
 
 
 def quantize_rows(W: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
@@ -1009,8 +1020,12 @@ def quantize_rows(W: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
     W = W.float()
     scales = row_scales(W, qmax)
     Q = torch.clamp(torch.round(W[None] / scales[:, :, None]), -qmax, qmax)
-    best = (W[None] - Q * scales[:, :, None]).square().sum(-1).argmin(0)
-    pick = torch.arange(W.size(0), device=W.device)
+    return _best_per_row(Q, scales, (W[None] - Q * scales[:, :, None]).square().sum(-1))
+
+
+def _best_per_row(Q: Tensor, scales: Tensor, err: Tensor) -> tuple[Tensor, Tensor]:
+    """From K candidates (K, rows, cols) with errors (K, rows), each row's least-error codes and scale."""
+    best, pick = err.argmin(0), torch.arange(Q.size(1), device=Q.device)
     return Q[best, pick].to(torch.int8), scales[best, pick].half()
 
 
@@ -1033,7 +1048,8 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
         H, W = hessians.get(key), torch.cat([state[n] for n in names])
         q, s = gptq_quantize(W, H, 31, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
         cost = H.diagonal() if H is not None else torch.ones(W.size(1), device=W.device)
-        for n, qn, sn in zip(names, q.split([state[n].size(0) for n in names]), s.split([state[n].size(0) for n in names])):
+        sizes = [state[n].size(0) for n in names]
+        for n, qn, sn in zip(names, q.split(sizes), s.split(sizes)):
             entries[n] = {"kind": "int6", "q": qn.contiguous(), "scale": sn.contiguous(), "cost": cost}
     ctx.sync()
     n_gptq = sum(len(v) for k, v in groups.items() if k in hessians)
@@ -1096,9 +1112,9 @@ def serialize(entries: dict, config: dict, meta: dict, layout: str) -> bytes:
 
 
 def deserialize(payload: bytes) -> tuple[dict, dict, dict]:
-    if len(payload) < 4 or 4 + struct.unpack_from("<I", payload)[0] > len(payload):
+    hlen = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else len(payload)
+    if 4 + hlen > len(payload):
         raise ValueError("artifact payload is shorter than its header length says (corrupt)")
-    (hlen,) = struct.unpack_from("<I", payload)
     try:
         header = json.loads(payload[4:4 + hlen])
     except ValueError as e:
@@ -1353,13 +1369,10 @@ def ttt_train_chunk(model_fn, state: TTTState, val_tokens: Tensor, lo: int, hi: 
                 with ctx.autocast():
                     loss = model_fn(seqs[:, :-1], seqs[:, 1:]).sum() / count
                 loss.backward()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in state.params]
-            flat = torch.cat([g.flatten() for g in grads])
+            flat = flat_grads(state.params)
             if dist.is_initialized():
                 dist.all_reduce(flat)
-            torch.nn.utils.vector_to_parameters(flat, grads)
-            for p, g in zip(state.params, grads):
-                p.grad = g
+            set_grads(state.params, flat)
             torch.nn.utils.clip_grad_norm_(state.params, h.TTT_GRAD_CLIP)
             state.opt.step()
             state.restore_frozen()
@@ -1469,10 +1482,7 @@ def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> s
 def load_eval_model(path: str, h: Hyperparameters, ctx: Context) -> tuple[GPT, dict]:
     """Every rank reads the artifact from disk, as a fresh process would, into a freshly built model."""
     config, meta, entries = read_artifact(path)
-    for k, v in config.items():
-        setattr(h, k, v)
-    h.ve_layers = [int(v) for v in h.VE_LAYERS.split(",") if v.strip()] if h.VE_ENABLED else []
-    h.head_dim, h.mlp_hidden = h.MODEL_DIM // h.NUM_HEADS, int(h.MLP_MULT * h.MODEL_DIM)
+    h.update(config)
     model = build_model(h, ctx)
     state = {k: v.to(ctx.device) for k, v in dequantize_state(entries, h.NUM_LAYERS).items()}
     model.load_state_dict(state, strict=True)
