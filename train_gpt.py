@@ -6,9 +6,11 @@ config -> data -> tokenizer/bpb -> model -> optimizers -> training -> quantize/p
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import glob
+import importlib
 import json
 import lzma
 import math
@@ -101,11 +103,12 @@ HPARAMS = [
     ("TTT_MOMENTUM", float, 0.9),
     ("TTT_BATCH_SEQS", int, 32),
     ("TTT_GRAD_CLIP", float, 1.0),
+    ("COMPILE", str, "auto"),
 ]
 # Env vars with these prefixes must be ours: a typo (TTT_EPOCH=1) fails instead of being ignored.
 OWN_PREFIXES = ("MUON_", "ADAM_", "TTT_", "EMA_", "SWA_", "GPTQ_", "XSA_", "BIGRAM_", "VE_", "ROPE_",
                 "EVAL_", "QAT_", "LATE_QAT", "TRAIN_", "VAL_")
-CHOICES = {"TTT_OPTIMIZER": ("sgd", "adamw")}
+CHOICES = {"TTT_OPTIMIZER": ("sgd", "adamw"), "COMPILE": ("auto", "0", "1")}  # COMPILE auto: on CUDA only
 
 
 def _parse(name: str, typ: type, raw: str):
@@ -312,10 +315,10 @@ class BpbMeter:
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
-    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts):
-        self.sums[0] += nll.to(torch.float64).sum()
-        self.sums[1] += nll.numel()
-        self.sums[2] += target_bytes(prev, tgt, luts).sum()
+    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, mask: Tensor | None = None):
+        """Adds the positions where mask is true (all if None) as device sums: no host sync."""
+        w = torch.ones_like(nll, dtype=torch.float64) if mask is None else mask.to(torch.float64)
+        self.sums += torch.stack(((nll.to(torch.float64) * w).sum(), w.sum(), (target_bytes(prev, tgt, luts) * w).sum()))
 
     def result(self, reduce: bool = True) -> tuple[float, float]:
         s = self.sums.clone()
@@ -334,11 +337,13 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def _pick_attention(device) -> tuple[str, object]:
+    """FA3, else FA2, else SDPA. Any failure falls through: FlashAttention-4 installs `flash_attn` as a
+    namespace package without flash_attn_func, and a build for another torch can raise anything on import."""
     if device.type == "cuda":
         for mod, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
             try:
-                return name, __import__(mod).flash_attn_func
-            except ImportError:
+                return name, getattr(importlib.import_module(mod), "flash_attn_func")
+            except Exception:
                 pass
     return "sdpa", None
 
@@ -350,6 +355,28 @@ def set_attention_backend(device) -> str:
     global ATTN_BACKEND, _FLASH_FN
     ATTN_BACKEND, _FLASH_FN = _pick_attention(device)
     return ATTN_BACKEND
+
+
+def pin_sdpa_kernels(h: Hyperparameters) -> str:
+    """CUDA SDPA: only the fused kernels (cuDNN, flash), never math or mem-efficient, as the reference pins
+    them. Probed once (forward + backward, this model's heads, bf16): where they cannot run (pre-Ampere GPUs),
+    torch's own choice is restored and the log says why."""
+    sdp = torch.backends.cuda
+    sdp.enable_cudnn_sdp(True)
+    sdp.enable_flash_sdp(True)
+    sdp.enable_mem_efficient_sdp(False)
+    sdp.enable_math_sdp(False)
+    try:
+        q = torch.randn(1, 128, h.NUM_HEADS, h.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(1, 128, h.NUM_KV_HEADS, h.head_dim, device="cuda", dtype=torch.bfloat16)
+        causal_attention(q, kv, kv).sum().backward()
+        fallback = ""
+    except RuntimeError as e:
+        sdp.enable_mem_efficient_sdp(True)
+        sdp.enable_math_sdp(True)
+        fallback = f" fallback:{str(e).splitlines()[0][:120]!r}"
+    return (f"sdp_backends:cudnn={sdp.cudnn_sdp_enabled()} flash={sdp.flash_sdp_enabled()} "
+            f"mem_efficient={sdp.mem_efficient_sdp_enabled()} math={sdp.math_sdp_enabled()}{fallback}")
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -503,6 +530,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, n - self.n_enc), d))
         self.rotary = Rotary(h.ROPE_DIMS, h.ROPE_BASE)
         self.observe = _no_observe  # replaced during Hessian collection
+        self.act_dtype = torch.float32  # residual stream dtype: bf16 under CUDA autocast (build_model)
         self._init_weights(h)
 
     @torch.no_grad()
@@ -531,7 +559,7 @@ class GPT(nn.Module):
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
-        x = self.smear(rms_norm(x))
+        x = self.smear(rms_norm(x)).to(self.act_dtype)  # the fp32 embeddings would keep the stream fp32
         x0, skips = x, []
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
         for i, block in enumerate(self.blocks):
@@ -583,43 +611,59 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
 
 class ParallelMuon:
     """Each rank owns a slice of every bank: reduce-scatter grads -> momentum + NS5 on the slice ->
-    all-gather updates. With one process the slice is the whole bank."""
+    all-gather updates. Collectives move `comm_dtype` (bf16 on CUDA, as the reference) and run
+    asynchronously: every reduce-scatter is in flight at once, and bank i's all-gather overlaps bank i+1's
+    Newton-Schulz. With one process the slice is the whole bank and nothing is communicated."""
 
-    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, backend_steps: int, rank: int, world: int):
+    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, backend_steps: int, rank: int, world: int,
+                 comm_dtype: torch.dtype = torch.float32):
         self.banks, self.lr, self.wd, self.steps, self.rank, self.world = banks, lr, wd, backend_steps, rank, world
-        self.base_lr = lr
+        self.base_lr, self.comm_dtype = lr, comm_dtype
         self.pad = [(-b.size(0)) % world for b in banks]
         self.shards: list[Tensor] = []
+        self.pending: list = []
         self.momentum = [torch.zeros((b.size(0) + p) // world, *b.shape[1:], device=b.device)
                          for b, p in zip(banks, self.pad)]
 
-    def _padded(self, g: Tensor, pad: int) -> Tensor:
-        return torch.cat((g, g.new_zeros(pad, *g.shape[1:]))) if pad else g
-
-    def reduce_grads(self) -> Tensor:
-        """Averages bank grads across ranks into this rank's slice; returns the slices' squared norm."""
-        self.shards = []
+    def launch_reduce(self):
+        """Starts averaging the bank grads across ranks into this rank's slices."""
+        self.shards, self.pending = [], []
         for b, pad in zip(self.banks, self.pad):
-            g = self._padded(b.grad, pad)
-            if self.world > 1:
-                out = g.new_empty(g.size(0) // self.world, *g.shape[1:])
-                dist.reduce_scatter_tensor(out, g.contiguous())
-                g = out / self.world
-            self.shards.append(g)
+            if self.world == 1:
+                self.shards.append(b.grad)
+                continue
+            g = torch.cat((b.grad, b.grad.new_zeros(pad, *b.shape[1:]))) if pad else b.grad
+            g = g.to(self.comm_dtype).contiguous()
+            out = g.new_empty(g.size(0) // self.world, *g.shape[1:])
+            self.pending.append(dist.reduce_scatter_tensor(out, g, async_op=True))
+            self.shards.append(out)
+
+    def finish_reduce(self) -> Tensor:
+        """Waits for the reduce-scatters (on the stream, not the host); returns the slices' squared norm."""
+        for work in self.pending:
+            work.wait()
+        if self.world > 1:
+            self.shards = [s.float() / self.world for s in self.shards]
         return sum(s.float().square().sum() for s in self.shards)
 
     @torch.no_grad()
     def step(self, momentum: float, clip_coef: Tensor):
-        for b, pad, g, buf in zip(self.banks, self.pad, self.shards, self.momentum):
+        updates = []
+        for b, g, buf in zip(self.banks, self.shards, self.momentum):
             g = g * clip_coef
             buf.mul_(momentum).add_(g)
-            u = zeropower_via_newtonschulz5(g + momentum * buf, self.steps).float()
-            u *= max(1.0, b.size(-2) / b.size(-1)) ** 0.5
+            u = zeropower_via_newtonschulz5(g + momentum * buf, self.steps)
             if self.world > 1:
+                u = u.to(self.comm_dtype).contiguous()
                 full = u.new_empty(u.size(0) * self.world, *u.shape[1:])
-                dist.all_gather_into_tensor(full, u.contiguous())
-                u = full
-            b.mul_(1 - self.lr * self.wd).sub_(u[:b.size(0)], alpha=self.lr)
+                updates.append((b, full, dist.all_gather_into_tensor(full, u, async_op=True)))
+            else:
+                updates.append((b, u, None))
+        for b, u, work in updates:
+            if work is not None:
+                work.wait()
+            scale = max(1.0, b.size(-2) / b.size(-1)) ** 0.5
+            b.mul_(1 - self.lr * self.wd).sub_(u[:b.size(0)].float(), alpha=self.lr * scale)
 
 
 def flat_grads(params: list[Tensor]) -> Tensor:
@@ -649,21 +693,23 @@ class Optimizers:
     def __init__(self, model: GPT, h: Hyperparameters, rank: int, world: int):
         self.h, self.world = h, world
         banks, embeds, scalars = split_params(model)
-        self.muon = ParallelMuon(banks, h.MATRIX_LR, h.MUON_WD, h.MUON_BACKEND_STEPS, rank, world)
-        fused = banks[0].is_cuda
-        self.adam = torch.optim.AdamW(
+        comm = torch.bfloat16 if banks[0].is_cuda else torch.float32  # fp32 on gloo keeps N ranks == 1 rank exact
+        self.muon = ParallelMuon(banks, h.MATRIX_LR, h.MUON_WD, h.MUON_BACKEND_STEPS, rank, world, comm)
+        self.adam = torch.optim.AdamW(  # fused: no per-step host read of the step count
             [{"params": embeds, "lr": h.TIED_EMBED_LR, "base_lr": h.TIED_EMBED_LR},
              {"params": scalars, "lr": h.SCALAR_LR, "base_lr": h.SCALAR_LR}],
-            betas=(h.BETA1, h.BETA2), eps=h.ADAM_EPS, weight_decay=h.ADAM_WD, fused=fused)
+            betas=(h.BETA1, h.BETA2), eps=h.ADAM_EPS, weight_decay=h.ADAM_WD, fused=True)
         self.small = [p for g in self.adam.param_groups for p in g["params"]]
 
     def step(self, step: int, lr_mult: float):
         h = self.h
-        bank_sq = self.muon.reduce_grads()
+        self.muon.launch_reduce()
         flat = flat_grads(self.small)
-        if self.world > 1:
-            dist.all_reduce(bank_sq)
-            dist.all_reduce(flat)
+        work = dist.all_reduce(flat, async_op=True) if self.world > 1 else None
+        bank_sq = self.muon.finish_reduce()
+        if work is not None:
+            dist.all_reduce(bank_sq)  # the slices are disjoint: their squares sum to the full norm
+            work.wait()
             flat /= self.world
         norm = (bank_sq + flat.float().square().sum()).sqrt()
         coef = (h.GRAD_CLIP_NORM / (norm + 1e-6)).clamp(max=1.0) if h.GRAD_CLIP_NORM > 0 else torch.ones_like(norm)
@@ -702,10 +748,11 @@ class Context:
         self.grad_accum = 8 // self.world
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
+        self.compile = h.COMPILE == "1" or (h.COMPILE == "auto" and self.cuda)
+        self.act_dtype = torch.bfloat16 if self.cuda else torch.float32
         if self.cuda:
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")  # TF32, except where fp32_matmuls() turns it off
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.cuda else "gloo", device_id=self.device if self.cuda else None,
                                     timeout=datetime.timedelta(minutes=30))
@@ -735,21 +782,52 @@ class Context:
         if dist.is_initialized():
             dist.barrier()
 
+    def max_across(self, value: float) -> float:
+        """The largest `value` over ranks: one small all-reduce, read on the host (so it waits for the GPU)."""
+        if not dist.is_initialized():
+            return value
+        t = torch.tensor(float(value), device=self.device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank (keeps collective decisions in lockstep)."""
-        if not dist.is_initialized():
-            return flag
-        t = torch.tensor(float(flag), device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return self.max_across(float(flag)) > 0
+
+
+# The pipeline needs 3 graphs per rank (train step, eval batch, TTT step: every eval path pads to one
+# shape); the margin makes an unforeseen shape a logged recompile instead of a fullgraph crash.
+RECOMPILE_LIMIT = 32
 
 
 def compile_model(model: nn.Module, ctx: Context):
-    return torch.compile(model, dynamic=False, fullgraph=True) if ctx.cuda else model
+    if not ctx.compile:
+        return model
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    return torch.compile(model, dynamic=False, fullgraph=True)
+
+
+def log_compiled_graphs(ctx: Context, when: str):
+    if ctx.compile:
+        from torch._dynamo.utils import counters
+        ctx.log(f"compile:graphs:{counters['stats']['unique_graphs']} graph_breaks:{sum(counters['graph_break'].values())} "
+                f"recompile_limit:{torch._dynamo.config.cache_size_limit} after:{when}")
+
+
+@contextlib.contextmanager
+def fp32_matmuls():
+    """TF32 off: Hessian sums and the GPTQ solve need full fp32 mantissas."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 class Clock:
-    """Training wall clock in ms; paused around validation passes, which are not training."""
+    """Training wall clock in ms; paused around validation passes, which are not training. ms() reads the host
+    clock without waiting for the GPU; start, pause and synced_ms() wait, so judged times are finished work."""
 
     def __init__(self, ctx: Context):
         self.ctx, self.total, self.t0 = ctx, 0.0, None
@@ -764,9 +842,11 @@ class Clock:
         self.t0 = None
 
     def ms(self) -> float:
-        """Judged on finished GPU work, not on queued kernels."""
-        self.ctx.sync()
         return self.total + (1000 * (time.perf_counter() - self.t0) if self.t0 is not None else 0.0)
+
+    def synced_ms(self) -> float:
+        self.ctx.sync()
+        return self.ms()
 
 
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
@@ -848,44 +928,65 @@ def compile_warmup(model, model_c, loader_fn, h, ctx):
     return opt, loader_fn()
 
 
+CLOCK_SYNC_EVERY = 10  # training steps between the host syncs that read the wall clock for all ranks
+
+
+def planned_stop(step: int, elapsed_ms: float, budget_ms: float, iterations: int) -> int:
+    """The last step predicted (at the mean step time) to end within the budget, once it is fewer than
+    CLOCK_SYNC_EVERY steps away; until then, ITERATIONS."""
+    if budget_ms <= 0:
+        return iterations
+    left = int((budget_ms - elapsed_ms) // max(elapsed_ms / step, 1e-6))
+    return min(iterations, step + max(left, 0)) if left < CLOCK_SYNC_EVERY else iterations
+
+
 def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts):
-    """The timed loop. Returns the compiled model, and the loader and clock that calibration continues on."""
+    """The timed loop. The GPU is waited for only every CLOCK_SYNC_EVERY steps (and on logged steps): there
+    all ranks agree on the elapsed time, which fixes the stop step and, extrapolated, the LR of the steps
+    between, identically on every rank. Returns the compiled model, the loader and clock calibration
+    continues on, and the GPTQ time estimate."""
     model_c = compile_model(model, ctx)
     loader_fn = lambda: DistributedTokenLoader(f"{h.DATA_PATH}/fineweb_train_*.bin", ctx.rank, ctx.world,
                                                ctx.device, h.VOCAB_SIZE, h.SEED)
     opt, loader = compile_warmup(model, model_c, loader_fn, h, ctx)
+    gptq_ms = estimate_gptq_ms(model, h, ctx)
     averages = WeightAverages(model, h)
     budget_ms = 1000 * (h.MAX_WALLCLOCK_SECONDS - h.GPTQ_RESERVE_SECONDS) if h.MAX_WALLCLOCK_SECONDS > 0 else 0.0
     if h.MAX_WALLCLOCK_SECONDS > 0:
         ctx.log(f"gptq:reserving {1000 * h.GPTQ_RESERVE_SECONDS:.0f}ms from training budget, effective={budget_ms:.0f}ms")
-    clock, step, stop_after = Clock(ctx), 0, None
+        ctx.log(f"gptq_solve_estimate:{gptq_ms:.0f}ms")
+    clock, step, stop_at, agreed_ms, agreed_step = Clock(ctx), 0, h.ITERATIONS, 0.0, 0
     clock.start()
     while True:
-        last = step == h.ITERATIONS or stop_after is not None
-        if last or (h.VAL_LOSS_EVERY and step % h.VAL_LOSS_EVERY == 0):
+        if step == stop_at or (h.VAL_LOSS_EVERY and step % h.VAL_LOSS_EVERY == 0):
             clock.pause()
             vl, vb = eval_val(model_c, val_tokens, h, ctx, luts)
+            ms = clock.ms()
             ctx.log(f"step:{step}/{h.ITERATIONS} val_loss:{vl:.4f} val_bpb:{vb:.4f} "
-                    f"train_time:{clock.ms():.0f}ms step_avg:{clock.ms() / max(step, 1):.2f}ms")
+                    f"train_time:{ms:.0f}ms step_avg:{ms / max(step, 1):.2f}ms")
             clock.start()
-        if last:
+        if step == stop_at:
             break
-        lr_mult = lr_multiplier(h, step, clock.ms(), budget_ms)
+        lr_mult = lr_multiplier(h, step, agreed_ms * step / agreed_step if agreed_step else 0.0, budget_ms)
         train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
         step += 1
         averages.update(step, lr_mult, ctx)
-        ms = clock.ms()
+        if step % CLOCK_SYNC_EVERY == 0:
+            agreed_ms, agreed_step = ctx.max_across(clock.synced_ms()), step
+            stop_at = planned_stop(step, agreed_ms, budget_ms, stop_at)
         if step <= 10 or (h.TRAIN_LOG_EVERY and step % h.TRAIN_LOG_EVERY == 0):
-            ctx.log(f"step:{step}/{h.ITERATIONS} train_loss:{train_loss.item():.4f} train_time:{ms:.0f}ms "
+            loss = train_loss.item()  # waits for the step, so the time below is finished work
+            ms = clock.ms()
+            ctx.log(f"step:{step}/{h.ITERATIONS} train_loss:{loss:.4f} train_time:{ms:.0f}ms "
                     f"step_avg:{ms / step:.2f}ms tok_s:{step * h.TRAIN_BATCH_TOKENS / max(ms / 1000, 1e-9):.0f}")
-        if stop_after is None and budget_ms > 0 and ctx.any(ms >= budget_ms):
-            stop_after = step
-            ctx.log(f"stopping_early: wallclock_cap train_time:{ms:.0f}ms step:{step}/{h.ITERATIONS}")
+    if stop_at < h.ITERATIONS:
+        ctx.log(f"stopping_early: wallclock_cap train_time:{ms:.0f}ms step:{step}/{h.ITERATIONS}")
     if ctx.cuda:
         ctx.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    log_compiled_graphs(ctx, "training")
     averages.apply(ctx)
-    return model_c, loader, clock
+    return model_c, loader, clock, gptq_ms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -927,9 +1028,10 @@ def hessian_key(weight_name: str) -> str | None:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock: Clock):
+def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock: Clock, gptq_ms: float = 0.0):
     """X^T X of every quantized matmul's input over training batches, summed over ranks. Stops early so
-    that calibration always ends before MAX_WALLCLOCK_SECONDS on the training clock."""
+    that calibration, then the GPTQ solve (estimated at gptq_ms), end before MAX_WALLCLOCK_SECONDS on the
+    training clock."""
     hess: dict[str, Tensor] = {}
 
     def observe(name, x):
@@ -938,15 +1040,16 @@ def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock
             hess[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
         hess[name].addmm_(x.T, x)
 
-    deadline = 1000 * h.MAX_WALLCLOCK_SECONDS if h.MAX_WALLCLOCK_SECONDS > 0 else float("inf")
-    start, batches, local = clock.ms(), 0, local_batch_tokens(h, ctx)
-    ctx.log(f"gptq:calibration start train_time:{start:.0f}ms")
+    deadline = 1000 * h.MAX_WALLCLOCK_SECONDS - 1.25 * gptq_ms if h.MAX_WALLCLOCK_SECONDS > 0 else float("inf")
+    start, batches, local = clock.synced_ms(), 0, local_batch_tokens(h, ctx)
+    ctx.log(f"gptq:calibration start train_time:{start:.0f}ms deadline:{min(deadline, 1e12):.0f}ms")
     model.observe = observe
     try:
         while batches < h.GPTQ_CALIB_BATCHES:
+            now = clock.synced_ms()
             # before the first batch, assume each batch costs its share of the reserve
-            per_batch = (clock.ms() - start) / batches if batches else 1000 * h.GPTQ_RESERVE_SECONDS / h.GPTQ_CALIB_BATCHES
-            if ctx.any(clock.ms() + 1.5 * per_batch >= deadline):
+            per_batch = (now - start) / batches if batches else 1000 * h.GPTQ_RESERVE_SECONDS / h.GPTQ_CALIB_BATCHES
+            if ctx.any(now + 1.5 * per_batch >= deadline):
                 break
             x, y = loader.next_batch(local, h.TRAIN_SEQ_LEN)
             with ctx.autocast():
@@ -957,10 +1060,9 @@ def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock
     for H in hess.values():
         if dist.is_initialized():
             dist.all_reduce(H)
-    ctx.sync()
-    tokens = batches * local * ctx.world
-    ctx.log(f"gptq:calibration end train_time:{clock.ms():.0f}ms tokens:{tokens} layers:{len(hess)} "
-            f"elapsed:{(clock.ms() - start) / 1000:.1f}s")
+    tokens, end = batches * local * ctx.world, clock.synced_ms()
+    ctx.log(f"gptq:calibration end train_time:{end:.0f}ms tokens:{tokens} layers:{len(hess)} "
+            f"elapsed:{(end - start) / 1000:.1f}s")
     return hess
 
 
@@ -1029,7 +1131,7 @@ def _best_per_row(Q: Tensor, scales: Tensor, err: Tensor) -> tuple[Tensor, Tenso
     return Q[best, pick].to(torch.int8), scales[best, pick].half()
 
 
-def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, ctx: Context):
+def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, ctx: Context, log: bool = True):
     """Routes every tensor: bank matrices -> GPTQ int6; other large matrices -> int8 rows; rest -> fp16.
     Matrices sharing an input (c_q, c_k, c_v) share one GPTQ pass: rows are independent given H."""
     t0 = time.perf_counter()
@@ -1053,8 +1155,26 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
             entries[n] = {"kind": "int6", "q": qn.contiguous(), "scale": sn.contiguous(), "cost": cost}
     ctx.sync()
     n_gptq = sum(len(v) for k, v in groups.items() if k in hessians)
-    ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors in {time.perf_counter() - t0:.1f}s")
+    if log:
+        ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors in {time.perf_counter() - t0:.1f}s")
     return entries
+
+
+def estimate_gptq_ms(model: GPT, h: Hyperparameters, ctx: Context) -> float:
+    """Times rank 0 quantizing the current weights with identity Hessians (the same shapes and work as the
+    real solve, no data), before the clock starts; calibration then leaves this much time for the solve."""
+    if h.MAX_WALLCLOCK_SECONDS <= 0:
+        return 0.0
+    ms = 0.0
+    if ctx.master:
+        flat = unbank(model.state_dict(), h.NUM_LAYERS)
+        eye = {hessian_key(n): torch.eye(W.size(1), device=W.device) for n, W in flat.items() if hessian_key(n)}
+        ctx.sync()
+        t0 = time.perf_counter()
+        with fp32_matmuls():
+            quantize_state(model, eye, h, ctx, log=False)
+        ms = 1000 * (time.perf_counter() - t0)
+    return ctx.max_across(ms)
 
 
 def dequantize_state(entries: dict, n_layers: int) -> dict[str, Tensor]:
@@ -1250,10 +1370,10 @@ def code_size() -> int:
         return len(f.read())
 
 
-def quantize_and_pack(model: GPT, hessians, h: Hyperparameters, ctx: Context, meta: dict) -> str:
-    """Rank 0 quantizes, fits and writes the artifact atomically; every rank then waits for the file."""
+def pack_artifact(entries: dict | None, h: Hyperparameters, ctx: Context, meta: dict) -> str:
+    """Rank 0 fits the quantized entries under the cap and writes the artifact atomically; every rank then
+    waits for the file. Reads no data: compression runs after the training clock (frontier.md §3.3)."""
     if ctx.master:
-        entries = quantize_state(model, hessians, h, ctx)
         config = {k: getattr(h, k) for k in MODEL_KEYS}
         code_bytes = code_size()
         blob = fit_artifact(entries, config, meta, code_bytes, h.SIZE_CAP_BYTES, ctx)
@@ -1271,18 +1391,13 @@ def quantize_and_pack(model: GPT, hessians, h: Hyperparameters, ctx: Context, me
 # ----------------------------------------------------------------------------------------------
 
 def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, ctx: Context, luts) -> tuple[float, float]:
-    """Non-sliding: TRAIN_SEQ_LEN sequences tiled over the stream, contiguous ranges per rank."""
-    L = h.TRAIN_SEQ_LEN
-    n_seq = (val_tokens.numel() - 1) // L
-    mine = np.array_split(np.arange(n_seq), ctx.world)[ctx.rank]
+    """Non-sliding: the stream tiled into EVAL_SEQ_LEN windows that score all their targets; contiguous
+    ranges of windows per rank."""
+    L = min(h.EVAL_SEQ_LEN, val_tokens.numel() - 1)
+    starts = np.arange((val_tokens.numel() - 1) // L, dtype=np.int64) * L
+    wins = np.stack([starts, starts, starts + L], axis=1)
     meter = BpbMeter(ctx.device)
-    with torch.inference_mode():
-        for b in range(0, len(mine), h.EVAL_BATCH_SEQS):
-            s = mine[b:b + h.EVAL_BATCH_SEQS]
-            chunk = torch.stack([val_tokens[i * L:(i + 1) * L + 1] for i in s])
-            with ctx.autocast():
-                nll = model_fn(chunk[:, :-1], chunk[:, 1:])
-            meter.add(nll, chunk[:, :-1], chunk[:, 1:], luts)
+    score_windows(model_fn, val_tokens, np.array_split(wins, ctx.world)[ctx.rank], h, ctx, luts, meter, None)
     return meter.result()
 
 
@@ -1302,21 +1417,25 @@ def sliding_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
 
 def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, meter: BpbMeter,
                   nll_out: Tensor | None):
-    """Scores the given windows in batches (inference mode) into `meter`, and per target into nll_out."""
-    n_targets = val_tokens.numel() - 1
-    wlen = min(h.EVAL_SEQ_LEN, n_targets)
-    pos = torch.arange(wlen, device=ctx.device)
+    """Scores windows of EVAL_SEQ_LEN tokens into `meter`, and per target into nll_out. Every batch has
+    EVAL_BATCH_SEQS rows (the last padded with windows (0, 0, 0) that score nothing), so all eval paths run
+    one compiled graph; masks are applied as sums on the device, so no batch waits for the host."""
+    B, L = h.EVAL_BATCH_SEQS, min(h.EVAL_SEQ_LEN, val_tokens.numel() - 1)
+    padded = np.zeros((-(-len(wins) // B) * B, 3), dtype=np.int64)
+    padded[:len(wins)] = wins
+    padded = torch.from_numpy(padded).to(ctx.device)
+    pos = torch.arange(L, device=ctx.device)
     with torch.inference_mode():
-        for b in range(0, len(wins), h.EVAL_BATCH_SEQS):
-            w = torch.as_tensor(wins[b:b + h.EVAL_BATCH_SEQS], device=ctx.device)
-            idx = w[:, :1] + pos[None, :]
+        for b in range(0, len(padded), B):
+            w = padded[b:b + B]
+            idx = w[:, :1] + pos
             x, y = val_tokens[idx], val_tokens[idx + 1]
             with ctx.autocast():
                 nll = model_fn(x, y)
             mask = (idx >= w[:, 1:2]) & (idx < w[:, 2:3])
-            meter.add(nll[mask], x[mask], y[mask], luts)
-            if nll_out is not None:
-                nll_out[idx[mask]] = nll[mask].float()
+            meter.add(nll, x, y, luts, mask)
+            if nll_out is not None:  # each target is scored once: adding zeros elsewhere leaves it exact
+                nll_out.index_put_((idx,), torch.where(mask, nll.float(), 0.0), accumulate=True)
 
 
 def eval_val_sliding(model_fn, val_tokens: Tensor, h, ctx, luts, nll_out=None) -> tuple[float, float]:
@@ -1327,55 +1446,69 @@ def eval_val_sliding(model_fn, val_tokens: Tensor, h, ctx, luts, nll_out=None) -
 
 
 class TTTState:
-    """What adapts during TTT: unfrozen params, their optimizer, and saved copies of frozen bank slices."""
+    """What adapts during TTT and how. Frozen blocks are left out of the optimizer, and their slots in the
+    shared banks get zero gradient (so neither SGD nor AdamW, both without weight decay, moves them):
+    requires_grad never changes, so the compiled graphs stay valid."""
 
-    def __init__(self, model: GPT, h: Hyperparameters):
+    def __init__(self, model: GPT, h: Hyperparameters, ctx: Context):
         n, f = h.NUM_LAYERS, h.TTT_FREEZE_BLOCKS
-        for block in model.blocks[:f]:
-            block.requires_grad_(False)
+        frozen = {id(p) for block in model.blocks[:f] for p in block.parameters()}
+        self.params = [p for p in model.parameters() if id(p) not in frozen]
         # Bank slot j holds layer j % n (qo/kv banks stack two matrices per layer, mlp banks one).
-        banks = (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank)
-        frozen = [(b, [j for j in range(b.size(0)) if j % n < f]) for b in banks]
-        self.saved = [(b, idx, b.detach()[idx].clone()) for b, idx in frozen if idx]
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank] if f else []
+        self.n, self.f, self.clip = n, f, h.TTT_GRAD_CLIP
+        self.n_frozen = sum(p.numel() for block in model.blocks[:f] for p in block.parameters()) + \
+            sum(b[0].numel() * f * (b.size(0) // n) for b in self.banks)
+        # rows per rank of each fixed-shape TTT step: a global batch is at most one chunk's sequences
+        seqs = min(h.TTT_BATCH_SEQS, -(-h.TTT_CHUNK_TOKENS // h.TRAIN_SEQ_LEN))
+        self.rows = -(-seqs // ctx.world)
         if h.TTT_OPTIMIZER == "sgd":
             self.opt = torch.optim.SGD(self.params, lr=h.TTT_LR, momentum=h.TTT_MOMENTUM)
         else:
             self.opt = torch.optim.AdamW(self.params, lr=h.TTT_LR, weight_decay=0.0)
 
-    @torch.no_grad()
-    def restore_frozen(self):
-        for bank, idx, saved in self.saved:
-            bank[idx] = saved
+    def reduce_grads(self):
+        """Zeroes the frozen bank slots, averages over ranks (one flat all-reduce; every rank joins it), clips."""
+        for b in self.banks:
+            for s in range(0, b.size(0), self.n):
+                b.grad[s:s + self.f].zero_()
+        flat = flat_grads(self.params)
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+        set_grads(self.params, flat)
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+
+
+def ttt_rows(val_tokens: Tensor, start: int, hi: int, count: int, rows: int, L: int) -> tuple[Tensor, Tensor]:
+    """`rows` sequences of L targets from `start`; rows >= count and targets >= hi are padding with input 0
+    and label -100 (ignored by cross-entropy): nothing at or past hi enters the step."""
+    r = torch.arange(rows, device=val_tokens.device)[:, None]
+    idx = start + r * L + torch.arange(L, device=val_tokens.device)
+    keep = (r < count) & (idx < hi)
+    idx = idx.clamp(max=val_tokens.numel() - 2)
+    return torch.where(keep, val_tokens[idx], 0), torch.where(keep, val_tokens[idx + 1], -100)
 
 
 def ttt_train_chunk(model_fn, state: TTTState, val_tokens: Tensor, lo: int, hi: int, lr: float, h, ctx):
-    """Trains on targets [lo, hi), all already scored. Global batches of TTT_BATCH_SEQS sequences are split
-    across ranks; every rank joins every all-reduce (even with no sequence), so uneven splits cannot hang."""
+    """Trains on targets [lo, hi), all already scored, in global batches of TTT_BATCH_SEQS sequences split
+    over ranks like np.array_split; each rank's step has the same padded shape (state.rows, TRAIN_SEQ_LEN)."""
     L = h.TRAIN_SEQ_LEN
-    starts = list(range(lo, hi, L))
+    n_seq = -(-(hi - lo) // L)
     for g in state.opt.param_groups:
         g["lr"] = lr
     for _ in range(h.TTT_EPOCHS):
-        for b in range(0, len(starts), h.TTT_BATCH_SEQS):
-            batch = starts[b:b + h.TTT_BATCH_SEQS]
-            count = sum(min(s + L, hi) - s for s in batch)
+        for b in range(0, n_seq, h.TTT_BATCH_SEQS):
+            size = min(h.TTT_BATCH_SEQS, n_seq - b)
+            base, extra = divmod(size, ctx.world)
+            first = b + ctx.rank * base + min(ctx.rank, extra)
+            targets = min(hi, lo + (b + size) * L) - (lo + b * L)
+            x, y = ttt_rows(val_tokens, lo + first * L, hi, base + (ctx.rank < extra), state.rows, L)
             state.opt.zero_grad(set_to_none=False)
-            mine = [int(s) for s in np.array_split(np.array(batch, dtype=np.int64), ctx.world)[ctx.rank]]
-            full = [s for s in mine if s + L <= hi]  # stacked into one batch; a short tail goes alone
-            groups = ([torch.stack([val_tokens[s:s + L + 1] for s in full])] if full else []) + \
-                [val_tokens[s:hi + 1][None] for s in mine if s + L > hi]
-            for seqs in groups:
-                with ctx.autocast():
-                    loss = model_fn(seqs[:, :-1], seqs[:, 1:]).sum() / count
-                loss.backward()
-            flat = flat_grads(state.params)
-            if dist.is_initialized():
-                dist.all_reduce(flat)
-            set_grads(state.params, flat)
-            torch.nn.utils.clip_grad_norm_(state.params, h.TTT_GRAD_CLIP)
+            with ctx.autocast():
+                loss = model_fn(x, y).sum() / targets
+            loss.backward()
+            state.reduce_grads()
             state.opt.step()
-            state.restore_frozen()
 
 
 def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0: float, nll_out=None):
@@ -1387,12 +1520,11 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
     C = h.TTT_CHUNK_TOKENS
     n_chunks = -(-n_targets // C)
     chunk_of = np.minimum(wins[:, 1] // C, n_chunks - 1)
-    state = TTTState(model, h)
+    state = TTTState(model, h, ctx)
     ctx.log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(wins)} stride={h.EVAL_STRIDE} "
             f"ttt_lr={h.TTT_LR} ttt_epochs={h.TTT_EPOCHS} freeze_blocks={h.TTT_FREEZE_BLOCKS}")
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    ctx.log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in state.params) - sum(i.numel() for _, _, i in state.saved)} "
-            f"frozen={n_frozen + sum(i.numel() for _, _, i in state.saved)}")
+    ctx.log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in model.parameters()) - state.n_frozen} "
+            f"frozen={state.n_frozen}")
     meter, adapting, score_s, train_s, t0 = BpbMeter(ctx.device), True, [], [], time.perf_counter()
     for c in range(n_chunks):
         ts = time.perf_counter()
@@ -1418,7 +1550,6 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
         if c % 10 == 0 or c == n_chunks - 1:
             _, bpb = meter.result()
             ctx.log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
-    model.requires_grad_(True)
     model.eval()
     vl, vb = meter.result()
     ctx.log(f"ttt_sliding:done val_loss={vl:.6f} val_bpb={vb:.6f} elapsed={time.perf_counter() - t0:.1f}s")
@@ -1447,7 +1578,9 @@ def log_environment(h: Hyperparameters, ctx: Context):
 
 def build_model(h: Hyperparameters, ctx: Context) -> GPT:
     torch.manual_seed(h.SEED)
-    return GPT(h).to(ctx.device)
+    model = GPT(h).to(ctx.device)
+    model.act_dtype = ctx.act_dtype
+    return model
 
 
 def log_model(model: GPT, h: Hyperparameters, ctx: Context):
@@ -1463,20 +1596,26 @@ def log_model(model: GPT, h: Hyperparameters, ctx: Context):
 
 
 def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> str:
-    """Train, calibrate inside the budget, report the pre-quantization score, write the artifact."""
+    """Train; collect Hessians and run GPTQ on the training clock; report the pre-quantization score; write
+    the artifact."""
     local_batch_tokens(h, ctx)
     ctx.log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.DATA_PATH))} "
             f"train_shards:{len(list_shards(f'{h.DATA_PATH}/fineweb_train_*.bin'))}")
     model = build_model(h, ctx)
     log_model(model, h, ctx)
-    model_c, loader, clock = train_model(model, h, ctx, val_tokens, luts)
-    hessians = collect_hessians(model, loader, h, ctx, clock)
+    model_c, loader, clock, gptq_ms = train_model(model, h, ctx, val_tokens, luts)
+    with fp32_matmuls():
+        hessians = collect_hessians(model, loader, h, ctx, clock, gptq_ms)
+        entries = quantize_state(model, hessians, h, ctx) if ctx.master else None
+    ctx.barrier()
     clock.pause()
+    done, cap = clock.ms(), 1000 * h.MAX_WALLCLOCK_SECONDS
+    ctx.log(f"gptq:done train_time:{done:.0f}ms" + (f" OVER_CAP_BY:{done - cap:.0f}ms" if 0 < cap < done else ""))
     t0 = time.perf_counter()
     vl, vb = eval_val(model_c, val_tokens, h, ctx, luts)
     ctx.log(f"DIAGNOSTIC post_ema val_loss:{vl:.4f} val_bpb:{vb:.4f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    return quantize_and_pack(model, hessians, h, ctx, {"prequant_val_loss": vl, "prequant_val_bpb": vb,
-                                                       "train_time_ms": clock.ms(), "seed": h.SEED})
+    return pack_artifact(entries, h, ctx, {"prequant_val_loss": vl, "prequant_val_bpb": vb,
+                                           "train_time_ms": clock.ms(), "seed": h.SEED})
 
 
 def load_eval_model(path: str, h: Hyperparameters, ctx: Context) -> tuple[GPT, dict]:
@@ -1524,6 +1663,7 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
         if ctx.master:
             np.save(h.DUMP_TOKEN_NLL, nll_out.cpu().numpy().astype(np.float32))
             ctx.log(f"dump_token_nll:{h.DUMP_TOKEN_NLL} targets:{nll_out.numel()}")
+    log_compiled_graphs(ctx, "evaluation")
     ctx.log(f"final_eval_time:{time.perf_counter() - t_eval0:.1f}s budget:{h.EVAL_BUDGET_SECONDS:.0f}s")
 
 
@@ -1532,6 +1672,8 @@ def main():
     ctx = Context(h)
     log_environment(h, ctx)
     ctx.log(f"attention_backend:{set_attention_backend(ctx.device)}")
+    if ctx.cuda and ATTN_BACKEND == "sdpa":
+        ctx.log(pin_sdpa_kernels(h))
     sp = load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
     luts = build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device)
     ctx.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.TOKENIZER_PATH}")

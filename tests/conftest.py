@@ -68,6 +68,19 @@ def tiny_data(tiny_tokenizer, tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def sp(tiny_tokenizer):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def luts(sp):
+    """The tiny tokenizer's byte LUTs on CPU."""
+    import train_gpt as tg
+    return tg.build_sentencepiece_luts(sp, 320, torch.device("cpu"))
+
+
 def tiny_env(tokenizer, data, **over) -> dict:
     env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer), VOCAB_SIZE="320", NUM_LAYERS="3", MODEL_DIM="32",
                NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", ROPE_DIMS="4", XSA_LAST_N="2", BIGRAM_VOCAB_SIZE="64",
@@ -109,6 +122,9 @@ class FakeCtx:
     def any(self, flag):
         return flag
 
+    def max_across(self, value):
+        return value
+
     def autocast(self):
         return torch.autocast("cpu", enabled=False)
 
@@ -130,3 +146,49 @@ def metric(log: str, name: str) -> tuple[float, float]:
     m = re.search(rf"^{name} val_loss:([\d.]+) val_bpb:([\d.]+)", log, re.M)
     assert m, f"no {name} line in log"
     return float(m.group(1)), float(m.group(2))
+
+
+class HostSyncs:
+    """Counts what would make the host wait for the GPU on CUDA, on any device: reading a tensor's value
+    (item, bool, float, tolist) and ops whose output size depends on data (nonzero, boolean-mask indexing).
+    `bump()` counts an explicit synchronize. Use as a context manager."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        aten = torch.ops.aten
+        value_ops = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                     aten.is_nonzero.default, aten.equal.default}
+        index_ops = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in value_ops or (func in index_ops and any(
+                        i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])):
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+
+    def bump(self):
+        self.count += 1
+
+    def __enter__(self):
+        real = torch.Tensor.tolist
+        self._patch = (torch.Tensor, "tolist", real)
+
+        def tolist(t):
+            self.count += 1
+            return real(t)
+
+        torch.Tensor.tolist = tolist
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        setattr(*self._patch)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes on 2 cores (compiles with inductor); part of the CI run")

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 
 import train_gpt as tg
@@ -15,16 +14,6 @@ from conftest import FakeCtx as Ctx, make_text, metric, random_model, run_script
 
 def hparams(**over) -> tg.Hyperparameters:
     return tg.Hyperparameters(tiny_env("unused.model", "unused", **over))
-
-
-@pytest.fixture(scope="module")
-def sp(tiny_tokenizer):
-    return spm.SentencePieceProcessor(model_file=str(tiny_tokenizer))
-
-
-@pytest.fixture(scope="module")
-def luts(sp):
-    return tg.build_sentencepiece_luts(sp, 320, torch.device("cpu"))
 
 
 def doc_stream(sp, n_docs: int, seed: int):
@@ -177,7 +166,8 @@ def test_changing_future_tokens_never_changes_earlier_scores(sp, luts, mode, p):
 @pytest.mark.parametrize("chunk", [60, 64])
 def test_ttt_trains_only_on_targets_already_scored(sp, luts, monkeypatch, chunk):
     """Event order of score-first TTT: no target is trained on before it is scored, and none is scored after
-    being trained on. Token ids equal positions here, so labels seen by the model identify targets."""
+    being trained on. Token ids equal positions here, so labels seen by the model identify targets (TTT
+    padding carries label -100, which cross-entropy ignores); no input token of a TTT step lies past its chunk."""
     h = ttt_hparams(TTT_CHUNK_TOKENS=chunk)
     n = 300
     toks = torch.arange(n + 1, dtype=torch.int64)  # target j has label j + 1
@@ -186,13 +176,15 @@ def test_ttt_trains_only_on_targets_already_scored(sp, luts, monkeypatch, chunk)
 
     def model_fn(x, y):
         if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-            events.append(("train", set((y - 1).flatten().tolist())))
+            labels = y[y != -100]
+            assert x.max() < labels.max() and torch.equal(x[y != -100], labels - 1)
+            events.append(("train", set((labels - 1).tolist())))
         return model(x, y)
 
     class Spy(tg.BpbMeter):
-        def add(self, nll, prev, tgt, luts):
-            events.append(("score", set((tgt - 1).flatten().tolist())))
-            super().add(nll, prev, tgt, luts)
+        def add(self, nll, prev, tgt, luts, mask=None):
+            events.append(("score", set((tgt - 1)[mask].tolist())))
+            super().add(nll, prev, tgt, luts, mask)
 
     monkeypatch.setattr(tg, "BpbMeter", Spy)
     tg.eval_val_ttt(model, model_fn, toks, h, Ctx(), luts, time.perf_counter())

@@ -34,6 +34,8 @@ class FakeClock:
     def ms(self) -> float:
         return self.t
 
+    synced_ms = ms
+
 
 def hparams(**over) -> tg.Hyperparameters:
     # VOCAB_SIZE 4096 x MODEL_DIM 32 > PASSTHROUGH_MAX, so the tied embedding takes the int8 path.
@@ -302,14 +304,14 @@ def test_fit_artifact_under_the_cap_returns_the_smallest_blob(quantized, tmp_pat
     assert_entries_identical(entries, tg.read_artifact(str(path))[2])
 
 
-def test_quantize_and_pack_logs_the_bytes_on_disk(quantized, tmp_path, monkeypatch):
+def test_pack_artifact_logs_the_bytes_on_disk(quantized, tmp_path, monkeypatch):
     """The logged serialized/code/total byte counts equal the artifact's and train_gpt.py's file sizes."""
-    h, model, hess, _ = quantized
+    h, _, _, entries = quantized
     monkeypatch.chdir(tmp_path)
     h = copy.copy(h)
     h.ARTIFACT_PATH = "out.ptz"
     ctx = Ctx(master=True)
-    assert tg.quantize_and_pack(model, hess, h, ctx, {"seed": 7}) == "out.ptz"
+    assert tg.pack_artifact(entries, h, ctx, {"seed": 7}) == "out.ptz"
     log = "\n".join(ctx.logs)
     art, code = os.path.getsize(tmp_path / "out.ptz"), os.path.getsize(ROOT / "train_gpt.py")
     assert int(re.search(r"^Serialized model int6\+\w+: (\d+) bytes", log, re.M).group(1)) == art
@@ -573,3 +575,18 @@ def test_calibration_stops_before_the_deadline():
     assert clock.t <= 1000.0 and loader.calls >= 3, (clock.t, loader.calls)
     assert len(hess) == 4 * h.NUM_LAYERS
     assert any(f"tokens:{loader.calls * 128} " in m for m in ctx.logs)
+
+
+def test_calibration_leaves_time_for_the_gptq_solve():
+    """With the solve estimated at 200 ms, calibration stops so that 1.25x the estimate still fits before the
+    1 s cap; the same run with no estimate calibrates longer."""
+    h = hparams(MAX_WALLCLOCK_SECONDS=1, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIB_BATCHES=100, VOCAB_SIZE=320)
+    ends = []
+    for gptq_ms in (200.0, 0.0):
+        clock = FakeClock(450.0)
+        loader, ctx = RandomLoader(h.VOCAB_SIZE, clock=clock, cost_ms=50.0), Ctx()
+        tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, clock, gptq_ms)
+        assert clock.t + 1.25 * gptq_ms <= 1000.0 and loader.calls >= 2, (clock.t, loader.calls)
+        assert any(f"deadline:{1000 - 1.25 * gptq_ms:.0f}ms" in m for m in ctx.logs)
+        ends.append(clock.t)
+    assert ends[0] < ends[1] - 200

@@ -51,6 +51,8 @@ def main():
     h = tg.Hyperparameters()
     ctx = tg.Context(h)
     backend = tg.set_attention_backend(ctx.device)
+    if ctx.cuda and backend == "sdpa":
+        backend += f" ({tg.pin_sdpa_kernels(h)})"
     L, V = h.TRAIN_SEQ_LEN, h.VOCAB_SIZE
     ctx.grad_accum = 1  # one micro-batch of --seqs sequences = the 8-GPU per-rank step
     h.TRAIN_BATCH_TOKENS = a.seqs * L * ctx.world
@@ -89,7 +91,7 @@ def main():
     rows += [("sliding eval (windows/s)", f"{n_win / sl_s:,.0f}"),
              ("full-val sliding on 8 GPUs (s)", f"{total_win / (n_win / sl_s) / 8:.1f}")]
     # one TTT chunk: score its windows, then TTT_EPOCHS of training on it
-    state = tg.TTTState(model, h)
+    state = tg.TTTState(model, h, ctx)
     C = h.TTT_CHUNK_TOKENS
     chunk = torch.randint(0, V, (C + W + 1,), device=ctx.device)
     wins = tg.sliding_windows(C, W, h.EVAL_STRIDE)
@@ -102,17 +104,17 @@ def main():
     n_chunks = -(-VAL_TARGETS // C)
     rows += [("one TTT chunk, 1 GPU (s)", f"{ttt_s:.2f}"),
              ("full-val TTT on 8 GPUs (s, if chunk work splits 8 ways)", f"{ttt_s * n_chunks / 8:.1f}")]
-    model.requires_grad_(True)
     # Hessians, GPTQ, compression
     h.GPTQ_CALIB_BATCHES, h.MAX_WALLCLOCK_SECONDS = 4, 0
     clock = tg.Clock(ctx)
     clock.start()
     t = time.perf_counter()
-    hess = tg.collect_hessians(model, loader, h, ctx, clock)
-    rows.append(("Hessians, 4 batches (s)", f"{time.perf_counter() - t:.2f}"))
-    t = time.perf_counter()
-    entries = tg.quantize_state(model, hess, h, ctx)
-    ctx.sync()
+    with tg.fp32_matmuls():
+        hess = tg.collect_hessians(model, loader, h, ctx, clock)
+        rows.append(("Hessians, 4 batches (s)", f"{time.perf_counter() - t:.2f}"))
+        t = time.perf_counter()
+        entries = tg.quantize_state(model, hess, h, ctx)
+        ctx.sync()
     rows.append(("GPTQ solve, all matrices (s)", f"{time.perf_counter() - t:.2f}"))
     payload = tg.serialize(entries, {k: getattr(h, k) for k in tg.MODEL_KEYS}, {}, "row")
     for codec in tg.available_codecs():

@@ -1,0 +1,313 @@
+"""What the full-size CUDA run depends on, proven on CPU: the compiled pipeline's graph budget (inductor,
+fullgraph, dynamic=False, exactly as on CUDA), fixed eval/TTT shapes, attention import fall-through, GPTQ on
+the training clock with TF32 off, no per-step/per-batch host syncs, a bf16 residual stream, bf16 Muon
+collectives."""
+import os
+import re
+import socket
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import FakeCtx as Ctx, HostSyncs, make_text, metric, random_model, run_script, tiny_env
+
+
+def hparams(**over) -> tg.Hyperparameters:
+    return tg.Hyperparameters(tiny_env("unused.model", "unused", **over))
+
+
+def val_stream(sp, n_targets: int) -> torch.Tensor:
+    toks = torch.tensor([t for doc in make_text(6 + n_targets // 20, 3) for t in [1] + sp.encode(doc)])
+    return toks[:n_targets + 1]
+
+
+# ---------------------------------------------------------------- the compiled pipeline, end to end
+
+@pytest.fixture(scope="module")
+def compiled_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
+    """The whole pipeline on 2 gloo ranks with frozen TTT blocks and uneven splits everywhere (825 sliding
+    windows, 207 roundtrip windows, 26 TTT chunks of 8 sequences in batches of 3), compiled (COMPILE=1) and
+    eager (COMPILE=0). The wall-clock cap is on (no stop is reached), so the GPTQ estimate runs too."""
+    out = {}
+    for flag in ("1", "0"):
+        d = tmp_path_factory.mktemp(f"compile{flag}")
+        env = tiny_env(tiny_tokenizer, tiny_data, COMPILE=flag, TTT_FREEZE_BLOCKS=1, TTT_BATCH_SEQS=3, EVAL_BATCH_SEQS=16,
+                       TTT_CHUNK_TOKENS=256, MAX_WALLCLOCK_SECONDS=3600, GPTQ_RESERVE_SECONDS=5, EVAL_BUDGET_SECONDS=10**6,
+                       RUN_ID=f"c{flag}")
+        r = run_script(d, env, nproc=2, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        out[flag] = (d / "logs" / f"c{flag}.txt").read_text().split("=" * 100)[-1]
+    return out
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_needs_three_graphs_and_matches_eager(compiled_runs):
+    """Train step, eval batch and TTT step: 3 graphs per rank, no graph break, the same numbers as eager."""
+    log, eager = compiled_runs["1"], compiled_runs["0"]
+    assert re.search(r"^compile:graphs:2 graph_breaks:0 recompile_limit:32 after:training$", log, re.M), log[-3000:]
+    assert re.search(r"^compile:graphs:3 graph_breaks:0 recompile_limit:32 after:evaluation$", log, re.M)
+    assert "compile:" not in eager and "ttt:budget_stop" not in log
+    assert re.search(r"^ttt_sliding:params unfrozen=\d+ frozen=7300$", log, re.M)
+    assert re.search(r"^gptq_solve_estimate:\d+ms$", log, re.M) and re.search(r"^gptq:done train_time:\d+ms$", log, re.M)
+    for name in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
+        assert metric(log, name) == pytest.approx(metric(eager, name), rel=1e-5), name
+    assert metric(log, "legal_ttt_exact") != metric(log, "final_int6_sliding_window_exact")
+
+
+def test_every_eval_and_ttt_call_has_one_fixed_shape(sp, luts):
+    """Roundtrip, sliding and TTT scoring always call the model with (EVAL_BATCH_SEQS, EVAL_SEQ_LEN) contiguous
+    rows, TTT steps always with (rows, TRAIN_SEQ_LEN), on each of 2 ranks, for lengths that split unevenly
+    everywhere; TTT_FREEZE_BLOCKS never flips requires_grad (a recompile guard)."""
+    h = hparams(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, EVAL_BATCH_SEQS=5, TTT_CHUNK_TOKENS=100, TTT_BATCH_SEQS=3,
+                TTT_EPOCHS=1, TTT_FREEZE_BLOCKS=1)
+    toks = val_stream(sp, 437)
+    calls = set()
+    for rank in (0, 1):
+        model = random_model(h)
+
+        def model_fn(x, y):
+            calls.add((torch.is_inference_mode_enabled(), tuple(x.shape), x.stride(), tuple(y.shape),
+                       all(p.requires_grad for p in model.parameters())))
+            return model(x, y)
+
+        ctx = Ctx(2, rank)
+        tg.eval_val(model_fn, toks, h, ctx, luts)
+        tg.eval_val_sliding(model_fn, toks, h, ctx, luts)
+        tg.eval_val_ttt(model, model_fn, toks, h, ctx, luts, time.perf_counter())
+    assert calls == {(True, (5, 32), (32, 1), (5, 32), True), (False, (2, 32), (32, 1), (2, 32), True)}, calls
+
+
+# ---------------------------------------------------------------- attention backends
+
+def test_flash_attn_import_failures_fall_through_to_sdpa(tmp_path, monkeypatch):
+    """FlashAttention-4's namespace-only `flash_attn` (no flash_attn_func) and a `flash_attn_interface` whose
+    build fails at import both fall through to SDPA; a working FA2 module is taken."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("def flash_attn_func(*a, **k): pass\n")
+    (tmp_path / "flash_attn_interface.py").write_text("raise OSError('libcudart.so.12: cannot open shared object')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for mod in ("flash_attn", "flash_attn.cute", "flash_attn_interface"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    assert tg._pick_attention(torch.device("cuda")) == ("sdpa", None)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("def flash_attn_func(q, k, v, causal): return q\n")
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    name, fn = tg._pick_attention(torch.device("cuda"))
+    assert name == "fa2" and fn.__module__ == "flash_attn"
+    assert tg._pick_attention(torch.device("cpu")) == ("sdpa", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA kernel pinning is CUDA only")
+def test_sdpa_is_pinned_to_fused_kernels_on_gpu():
+    line = tg.pin_sdpa_kernels(tg.Hyperparameters({}))
+    assert "math=False" in line and "fallback" not in line, line
+    assert not torch.backends.cuda.math_sdp_enabled()
+
+
+# ---------------------------------------------------------------- GPTQ on the training clock, TF32 off
+
+def test_gptq_runs_on_the_training_clock_with_tf32_off(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+    """The GPTQ solve runs between calibration and `gptq:done` on the training clock (so the artifact's
+    train_time includes it), Hessians and GPTQ run with TF32 off, and the precision is restored after."""
+    monkeypatch.chdir(tmp_path)
+    h = tg.Hyperparameters(tiny_env(tiny_tokenizer, tiny_data, ITERATIONS=4, MAX_WALLCLOCK_SECONDS=3600,
+                                    GPTQ_RESERVE_SECONDS=5, RUN_ID="clock"))
+    ctx = tg.Context(h)
+    seen = []
+    real_gptq, real_collect = tg.gptq_quantize, tg.collect_hessians
+
+    def slow_gptq(*a, **k):
+        seen.append(("gptq", torch.get_float32_matmul_precision()))
+        time.sleep(0.05)
+        return real_gptq(*a, **k)
+
+    def collect(*a, **k):
+        seen.append(("hessians", torch.get_float32_matmul_precision()))
+        return real_collect(*a, **k)
+
+    monkeypatch.setattr(tg, "gptq_quantize", slow_gptq)
+    monkeypatch.setattr(tg, "collect_hessians", collect)
+    val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", 32, 320)
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what Context sets on CUDA
+    try:
+        path = tg.stage_train(h, ctx, val, luts)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    n_groups = 4 * h.NUM_LAYERS
+    assert seen[0] == ("gptq", "highest") and len(seen) == 2 * n_groups + 1  # estimate, then the real solve
+    assert set(seen) == {("gptq", "highest"), ("hessians", "highest")}
+    log = (tmp_path / "logs" / "clock.txt").read_text().split("=" * 100)[-1]
+    calib = int(re.search(r"^gptq:calibration end train_time:(\d+)ms", log, re.M).group(1))
+    done = int(re.search(r"^gptq:done train_time:(\d+)ms$", log, re.M).group(1))
+    est = int(re.search(r"^gptq_solve_estimate:(\d+)ms$", log, re.M).group(1))
+    assert done - calib >= 50 * n_groups and est >= 50 * n_groups
+    assert log.index("gptq:quantized") < log.index("gptq:done") < log.index("DIAGNOSTIC post_ema")
+    _, meta, _ = tg.read_artifact(path)
+    assert round(meta["train_time_ms"]) == done  # the artifact records the clock GPTQ ran on
+
+
+# ---------------------------------------------------------------- host syncs
+
+def test_evaluation_reads_no_gpu_value_per_batch(sp, luts):
+    """Sliding eval over ~70 batches reads the device once (the final sums); TTT a bounded number of times per
+    chunk (timing and the budget guard), never per batch or per step."""
+    h = hparams(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, EVAL_BATCH_SEQS=1, TTT_CHUNK_TOKENS=64, TTT_BATCH_SEQS=1, TTT_EPOCHS=2)
+    toks = val_stream(sp, 300)
+    model = random_model(h)
+    with HostSyncs() as syncs:
+        tg.eval_val_sliding(model, toks, h, Ctx(), luts, torch.zeros(300))
+    assert syncs.count <= 1, syncs.count
+    ctx = Ctx()
+    counter = HostSyncs()
+    ctx.sync = counter.bump
+    n_chunks = -(-300 // 64)
+    with counter:
+        tg.eval_val_ttt(model, model, toks, h, ctx, luts, time.perf_counter(), torch.zeros(300))
+    assert counter.count <= 3 * n_chunks + 2, counter.count  # vs. 70 scoring batches + 16 TTT steps
+
+
+class StepClock(tg.Clock):
+    """A training clock that advances 100 ms per train_step (counted in `steps`), for a deterministic schedule."""
+    steps = [0]
+
+    def ms(self) -> float:
+        return 100.0 * self.steps[0]
+
+
+def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, **over):
+    monkeypatch.chdir(tmp_path)
+    h = tg.Hyperparameters(tiny_env(tiny_tokenizer, tiny_data, **{"WARMUP_STEPS": 0, "VAL_LOSS_EVERY": 0, **over}))
+    ctx = tg.Context(h)
+    val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", 32, 320)
+    marks, lrs = [], []
+    real_step = tg.train_step
+
+    def step(model_c, loader, opt, h_, ctx_, i, lr_mult):
+        marks.append(syncs.count if syncs else 0)
+        lrs.append(lr_mult)
+        StepClock.steps[0] += 1
+        return real_step(model_c, loader, opt, h_, ctx_, i, lr_mult)
+
+    monkeypatch.setattr(tg, "train_step", step)
+    if syncs:
+        ctx.sync = syncs.bump
+        with syncs:
+            tg.train_model(tg.build_model(h, ctx), h, ctx, val, luts)
+    else:
+        tg.train_model(tg.build_model(h, ctx), h, ctx, val, luts)
+    return marks, lrs, (tmp_path / "logs" / f"{h.RUN_ID}.txt").read_text().split("=" * 100)[-1]
+
+
+def test_training_waits_for_the_gpu_only_every_few_steps(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+    """Past the 10 logged steps, a training step makes no host sync except one clock reading every
+    CLOCK_SYNC_EVERY steps (before: two synchronizes and one .item() in every step)."""
+    marks, _, _ = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, HostSyncs(), ITERATIONS=41,
+                         TRAIN_LOG_EVERY=0, MAX_WALLCLOCK_SECONDS=3600, GPTQ_RESERVE_SECONDS=5)
+    per_step = np.diff(marks)[10:]  # syncs between the starts of steps 11..40
+    assert len(per_step) == 30 and per_step.max() <= 2 and per_step.sum() <= 3, per_step.tolist()
+
+
+def test_wallclock_stop_and_lr_follow_the_agreed_clock(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+    """At 100 ms per step and a 1.5 s budget (2 s cap - 0.5 s reserve), the clock read at step 10 plans the stop
+    at step 15; the LR between readings extrapolates the agreed time (warmdown 4 steps = 400 ms)."""
+    StepClock.steps[0] = 0
+    monkeypatch.setattr(tg, "Clock", StepClock)
+    monkeypatch.setattr(tg, "estimate_gptq_ms", lambda *a: 0.0)
+    _, lrs, log = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=4,
+                         MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, TRAIN_LOG_EVERY=0)
+    assert lrs == pytest.approx([1.0] * 12 + [0.75, 0.5, 0.25])
+    assert re.search(r"^step:15/100 val_loss:\S+ val_bpb:\S+ train_time:1500ms", log, re.M)
+    assert re.search(r"^stopping_early: wallclock_cap train_time:1500ms step:15/100$", log, re.M)
+
+
+@pytest.mark.parametrize("step, elapsed, want", [(10, 1000.0, 15), (10, 500.0, 100), (20, 1600.0, 20), (20, 1520.0, 20)])
+def test_planned_stop(step, elapsed, want):
+    assert tg.planned_stop(step, elapsed, 1500.0, 100) == want
+    assert tg.planned_stop(step, elapsed, 0.0, 100) == 100  # no cap
+
+
+# ---------------------------------------------------------------- bf16 residual stream
+
+def test_residual_stream_is_bf16_under_autocast():
+    """With the CUDA activation dtype, every block's inputs (x, x0) and output are bf16 under bf16 autocast (the
+    fp32 embeddings used to keep the whole stream fp32), and the loss stays close to fp32."""
+    h = hparams()
+    model = random_model(h)
+    x = torch.randint(0, h.VOCAB_SIZE, (2, 32))
+    with torch.no_grad():
+        ref = model(x, x)
+    model.act_dtype = torch.bfloat16
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, args[1].dtype, out.dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        nll = model(x, x)
+    assert seen == [(torch.bfloat16,) * 3] * h.NUM_LAYERS, seen
+    assert nll.dtype == torch.float32 and (nll - ref).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------- Muon collectives
+
+def _muon_worker(rank, world, port, comm_dtype, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    dist = torch.distributed
+    seen = []
+    for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        real = getattr(dist, name)
+
+        def spy(a, b, async_op=False, _real=real, _name=name):
+            seen.append((_name, a.dtype, b.dtype, async_op))
+            return _real(a, b, async_op=async_op)
+
+        setattr(dist, name, spy)
+    banks, grads = _muon_problem()
+    muon = tg.ParallelMuon(banks, 0.02, 0.04, 5, rank, world, comm_dtype)
+    for g in grads:
+        for b, gb in zip(banks, g[rank]):
+            b.grad = gb.clone()
+        muon.launch_reduce()
+        muon.finish_reduce()
+        muon.step(0.95, torch.tensor(1.0))
+    if rank == 0:
+        torch.save({"banks": [b.detach() for b in banks], "seen": seen}, out)
+    dist.destroy_process_group()
+
+
+def _muon_problem():
+    """3 banks (one with a row count that needs padding over 2 ranks) and 2 steps of per-rank gradients."""
+    g = torch.Generator().manual_seed(0)
+    banks = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in ((3, 16, 8), (4, 8, 8), (2, 8, 24))]
+    grads = [[[torch.randn(b.shape, generator=g) for b in banks] for _ in range(2)] for _ in range(2)]
+    return banks, grads
+
+
+def test_muon_collectives_are_bf16_async_and_match_one_rank(tmp_path):
+    """On 2 gloo ranks with comm_dtype bf16, both collectives move bf16 asynchronously, and the banks match one
+    process given the mean gradient, within bf16 rounding."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_muon_worker, args=(2, port, torch.bfloat16, tmp_path / "two.pt"), nprocs=2, join=True)
+    two = torch.load(tmp_path / "two.pt")
+    assert {(n, a, b, asy) for n, a, b, asy in two["seen"]} == {
+        ("reduce_scatter_tensor", torch.bfloat16, torch.bfloat16, True),
+        ("all_gather_into_tensor", torch.bfloat16, torch.bfloat16, True)}
+    banks, grads = _muon_problem()
+    start = [b.detach().clone() for b in banks]
+    muon = tg.ParallelMuon(banks, 0.02, 0.04, 5, 0, 1)
+    for g in grads:
+        for b, g0, g1 in zip(banks, g[0], g[1]):
+            b.grad = (g0 + g1) / 2
+        muon.launch_reduce()
+        muon.finish_reduce()
+        muon.step(0.95, torch.tensor(1.0))
+    for b, b2, b0 in zip(banks, two["banks"], start):
+        step1, step2 = b.detach() - b0, b2 - b0
+        assert (step2 - step1).abs().max() < 0.05 * step1.abs().max(), (step2 - step1).abs().max()
+        assert step1.abs().max() > 1e-3
