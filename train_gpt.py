@@ -315,9 +315,9 @@ class BpbMeter:
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
-    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, mask: Tensor | None = None):
-        """Adds the positions where mask is true (all if None) as device sums: no host sync."""
-        w = torch.ones_like(nll, dtype=torch.float64) if mask is None else mask.to(torch.float64)
+    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, mask: Tensor):
+        """Adds the positions where mask is true as device sums: no host sync."""
+        w = mask.to(torch.float64)
         self.sums += torch.stack(((nll.to(torch.float64) * w).sum(), w.sum(), (target_bytes(prev, tgt, luts) * w).sum()))
 
     def result(self, reduce: bool = True) -> tuple[float, float]:
@@ -707,7 +707,7 @@ class Optimizers:
         flat = flat_grads(self.small)
         work = dist.all_reduce(flat, async_op=True) if self.world > 1 else None
         bank_sq = self.muon.finish_reduce()
-        if work is not None:
+        if self.world > 1:
             dist.all_reduce(bank_sq)  # the slices are disjoint: their squares sum to the full norm
             work.wait()
             flat /= self.world
@@ -1452,13 +1452,12 @@ class TTTState:
 
     def __init__(self, model: GPT, h: Hyperparameters, ctx: Context):
         n, f = h.NUM_LAYERS, h.TTT_FREEZE_BLOCKS
-        frozen = {id(p) for block in model.blocks[:f] for p in block.parameters()}
-        self.params = [p for p in model.parameters() if id(p) not in frozen]
+        frozen = [p for block in model.blocks[:f] for p in block.parameters()]
+        self.params = [p for p in model.parameters() if all(p is not q for q in frozen)]
         # Bank slot j holds layer j % n (qo/kv banks stack two matrices per layer, mlp banks one).
         self.banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank] if f else []
         self.n, self.f, self.clip = n, f, h.TTT_GRAD_CLIP
-        self.n_frozen = sum(p.numel() for block in model.blocks[:f] for p in block.parameters()) + \
-            sum(b[0].numel() * f * (b.size(0) // n) for b in self.banks)
+        self.n_frozen = sum(p.numel() for p in frozen) + sum(b[0].numel() * f * (b.size(0) // n) for b in self.banks)
         # rows per rank of each fixed-shape TTT step: a global batch is at most one chunk's sequences
         seqs = min(h.TTT_BATCH_SEQS, -(-h.TTT_CHUNK_TOKENS // h.TRAIN_SEQ_LEN))
         self.rows = -(-seqs // ctx.world)

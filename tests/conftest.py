@@ -94,6 +94,32 @@ def tiny_env(tokenizer, data, **over) -> dict:
     return env
 
 
+def tiny_hparams(**over):
+    """The tiny configuration as Hyperparameters, for tests that build models without files."""
+    import train_gpt as tg
+    return tg.Hyperparameters(tiny_env("unused.model", "unused", **over))
+
+
+def doc_stream(sp, n_docs: int, seed: int):
+    """BOS-separated documents as one val stream, and each document's token ids."""
+    docs = [sp.encode(t) for t in make_text(n_docs, seed)]
+    return torch.tensor([tok for d in docs for tok in [1] + d], dtype=torch.int64), docs
+
+
+def stream(sp, n_targets: int, seed: int = 3) -> torch.Tensor:
+    """A val stream of exactly n_targets targets (n_targets + 1 tokens) of tiny text."""
+    toks, _ = doc_stream(sp, 4 + n_targets // 20, seed)
+    assert toks.numel() > n_targets
+    return toks[:n_targets + 1]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(tmp_path, env: dict, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     full.update(env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -174,8 +200,7 @@ class HostSyncs:
         self.count += 1
 
     def __enter__(self):
-        real = torch.Tensor.tolist
-        self._patch = (torch.Tensor, "tolist", real)
+        self._tolist = real = torch.Tensor.tolist
 
         def tolist(t):
             self.count += 1
@@ -187,7 +212,7 @@ class HostSyncs:
 
     def __exit__(self, *exc):
         self.mode.__exit__(*exc)
-        setattr(*self._patch)
+        torch.Tensor.tolist = self._tolist
 
 
 def pytest_configure(config):

@@ -1,7 +1,6 @@
 """Training core: configuration, shards, byte LUTs, model components, optimizers, rank equivalence."""
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import make_text, tiny_env, write_shard
+from conftest import free_port, make_text, tiny_env, write_shard
 
 
 # ---------------------------------------------------------------- configuration
@@ -277,12 +276,6 @@ def test_world_size_that_does_not_divide_is_an_error(tiny_tokenizer, tiny_data, 
         tg.local_batch_tokens(h, tg.Context(h))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_worker(rank, world, port, env, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -304,7 +297,7 @@ def test_two_gloo_ranks_equal_one_rank_with_accumulation(tiny_tokenizer, tiny_da
     monkeypatch.chdir(tmp_path)
     env = tiny_env(tiny_tokenizer, tiny_data, GRAD_CLIP_NORM=0.05)  # small clip: the clip must be global
     _train_worker(0, 1, 0, env, tmp_path / "one.pt")
-    torch.multiprocessing.spawn(_train_worker, args=(2, _free_port(), env, tmp_path / "two.pt"), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_train_worker, args=(2, free_port(), env, tmp_path / "two.pt"), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     init = tg.GPT(tg.Hyperparameters(env)).state_dict()
     for k in a:

@@ -4,7 +4,6 @@ the training clock with TF32 off, no per-step/per-batch host syncs, a bf16 resid
 collectives."""
 import os
 import re
-import socket
 import sys
 import time
 
@@ -13,16 +12,8 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import FakeCtx as Ctx, HostSyncs, make_text, metric, random_model, run_script, tiny_env
-
-
-def hparams(**over) -> tg.Hyperparameters:
-    return tg.Hyperparameters(tiny_env("unused.model", "unused", **over))
-
-
-def val_stream(sp, n_targets: int) -> torch.Tensor:
-    toks = torch.tensor([t for doc in make_text(6 + n_targets // 20, 3) for t in [1] + sp.encode(doc)])
-    return toks[:n_targets + 1]
+from conftest import FakeCtx as Ctx, HostSyncs, free_port, metric, random_model, run_script, stream, tiny_env
+from conftest import tiny_hparams as hparams
 
 
 # ---------------------------------------------------------------- the compiled pipeline, end to end
@@ -64,7 +55,7 @@ def test_every_eval_and_ttt_call_has_one_fixed_shape(sp, luts):
     everywhere; TTT_FREEZE_BLOCKS never flips requires_grad (a recompile guard)."""
     h = hparams(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, EVAL_BATCH_SEQS=5, TTT_CHUNK_TOKENS=100, TTT_BATCH_SEQS=3,
                 TTT_EPOCHS=1, TTT_FREEZE_BLOCKS=1)
-    toks = val_stream(sp, 437)
+    toks = stream(sp, 437)
     calls = set()
     for rank in (0, 1):
         model = random_model(h)
@@ -157,7 +148,7 @@ def test_evaluation_reads_no_gpu_value_per_batch(sp, luts):
     """Sliding eval over ~70 batches reads the device once (the final sums); TTT a bounded number of times per
     chunk (timing and the budget guard), never per batch or per step."""
     h = hparams(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, EVAL_BATCH_SEQS=1, TTT_CHUNK_TOKENS=64, TTT_BATCH_SEQS=1, TTT_EPOCHS=2)
-    toks = val_stream(sp, 300)
+    toks = stream(sp, 300)
     model = random_model(h)
     with HostSyncs() as syncs:
         tg.eval_val_sliding(model, toks, h, Ctx(), luts, torch.zeros(300))
@@ -290,10 +281,7 @@ def _muon_problem():
 def test_muon_collectives_are_bf16_async_and_match_one_rank(tmp_path):
     """On 2 gloo ranks with comm_dtype bf16, both collectives move bf16 asynchronously, and the banks match one
     process given the mean gradient, within bf16 rounding."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_muon_worker, args=(2, port, torch.bfloat16, tmp_path / "two.pt"), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_muon_worker, args=(2, free_port(), torch.bfloat16, tmp_path / "two.pt"), nprocs=2, join=True)
     two = torch.load(tmp_path / "two.pt")
     assert {(n, a, b, asy) for n, a, b, asy in two["seen"]} == {
         ("reduce_scatter_tensor", torch.bfloat16, torch.bfloat16, True),

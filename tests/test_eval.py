@@ -9,23 +9,8 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import FakeCtx as Ctx, make_text, metric, random_model, run_script, tiny_env
-
-
-def hparams(**over) -> tg.Hyperparameters:
-    return tg.Hyperparameters(tiny_env("unused.model", "unused", **over))
-
-
-def doc_stream(sp, n_docs: int, seed: int):
-    """BOS-separated documents as one val stream, and each document's token ids."""
-    docs = [sp.encode(t) for t in make_text(n_docs, seed)]
-    return torch.tensor([tok for d in docs for tok in [1] + d], dtype=torch.int64), docs
-
-
-def stream(sp, n_targets: int, seed: int = 3) -> torch.Tensor:
-    toks, _ = doc_stream(sp, 4 + n_targets // 20, seed)
-    assert toks.numel() > n_targets
-    return toks[:n_targets + 1]
+from conftest import FakeCtx as Ctx, doc_stream, metric, random_model, run_script, stream, tiny_env
+from conftest import tiny_hparams as hparams
 
 
 @pytest.fixture
