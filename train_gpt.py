@@ -1682,6 +1682,7 @@ def main():
     path = h.EVAL_ARTIFACT or stage_train(h, ctx, val_tokens, luts)
     stage_evaluate(path, h, ctx, val_tokens, luts)
     if dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still talks to it (gloo aborts at exit otherwise)
         dist.destroy_process_group()
 
 

@@ -290,6 +290,7 @@ def _train_worker(rank, world, port, env, out):
     if rank == 0:
         torch.save(model.state_dict(), out)
     if world > 1:
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -267,6 +267,7 @@ def _muon_worker(rank, world, port, comm_dtype, out):
         muon.step(0.95, torch.tensor(1.0))
     if rank == 0:
         torch.save({"banks": [b.detach() for b in banks], "seen": seen}, out)
+    dist.barrier()
     dist.destroy_process_group()
 
 
