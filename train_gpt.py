@@ -33,7 +33,7 @@ from torch import Tensor, nn
 # Config
 # ----------------------------------------------------------------------------------------------
 
-# (env var, type, default). Defaults are the record configuration of the seed submissions.
+# (env var, type, default). Defaults are the PR #549 record's configuration (README: "Where we differ").
 HPARAMS = [
     ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024"),
     ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model"),
@@ -47,19 +47,20 @@ HPARAMS = [
     ("MLP_MULT", float, 3.0),
     ("LOGIT_SOFTCAP", float, 30.0),
     ("ROPE_BASE", float, 10000.0),
+    ("ROPE_SCALING", str, "ntk1024"),
     ("ROPE_DIMS", int, 16),
     ("LN_SCALE", bool, True),
     ("QK_GAIN_INIT", float, 1.5),
     ("TIED_EMBED_INIT_STD", float, 0.005),
     ("XSA_LAST_N", int, 4),
-    ("BIGRAM_VOCAB_SIZE", int, 3072),
+    ("BIGRAM_VOCAB_SIZE", int, 1536),
     ("BIGRAM_DIM", int, 128),
     ("VE_ENABLED", bool, True),
     ("VE_DIM", int, 128),
     ("VE_LAYERS", str, "9,10"),
     ("TRAIN_SEQ_LEN", int, 2048),
     ("TRAIN_BATCH_TOKENS", int, 786_432),
-    ("ITERATIONS", int, 20_000),
+    ("ITERATIONS", int, 9000),
     ("WARMUP_STEPS", int, 20),
     ("WARMDOWN_ITERS", int, 3500),
     ("MAX_WALLCLOCK_SECONDS", float, 600.0),
@@ -82,7 +83,7 @@ HPARAMS = [
     ("EMA_DECAY", float, 0.997),
     ("SWA_EVERY", int, 50),
     ("SWA_START_LR", float, 0.2),
-    ("SWA_WEIGHT", float, 0.5),
+    ("SWA_WEIGHT", float, 0.0),
     ("GPTQ_CALIB_BATCHES", int, 16),
     ("GPTQ_BLOCK_SIZE", int, 128),
     ("GPTQ_DAMP", float, 0.01),
@@ -108,7 +109,8 @@ HPARAMS = [
 # Env vars with these prefixes must be ours: a typo (TTT_EPOCH=1) fails instead of being ignored.
 OWN_PREFIXES = ("MUON_", "ADAM_", "TTT_", "EMA_", "SWA_", "GPTQ_", "XSA_", "BIGRAM_", "VE_", "ROPE_",
                 "EVAL_", "QAT_", "LATE_QAT", "TRAIN_", "VAL_")
-CHOICES = {"TTT_OPTIMIZER": ("sgd", "adamw"), "COMPILE": ("auto", "0", "1")}  # COMPILE auto: on CUDA only
+# COMPILE auto: on CUDA only. ROPE_SCALING ntk1024: the base PR #549 trained with (Hyperparameters.update).
+CHOICES = {"TTT_OPTIMIZER": ("sgd", "adamw"), "COMPILE": ("auto", "0", "1"), "ROPE_SCALING": ("ntk1024", "none")}
 
 
 def _parse(name: str, typ: type, raw: str):
@@ -144,6 +146,11 @@ class Hyperparameters:
         self.ve_layers = [int(v) for v in self.VE_LAYERS.split(",") if v.strip()] if self.VE_ENABLED else []
         self.head_dim = self.MODEL_DIM // self.NUM_HEADS
         self.mlp_hidden = int(self.MLP_MULT * self.MODEL_DIM)
+        # PR #549 stretched the base NTK-style from a hard-coded 1024 tokens to each call's length; we resolve
+        # it once at TRAIN_SEQ_LEN (22,081.79 at 2048 with 16 dims) and use it at every length, eval included.
+        stretch = self.ROPE_SCALING == "ntk1024" and self.TRAIN_SEQ_LEN > 1024
+        d = self.ROPE_DIMS
+        self.rope_base = self.ROPE_BASE * (self.TRAIN_SEQ_LEN / 1024) ** (d / (d - 2)) if stretch else self.ROPE_BASE
 
     def _validate(self):
         def need(ok, name, why):
@@ -163,6 +170,8 @@ class Hyperparameters:
         need(self.NUM_HEADS % self.NUM_KV_HEADS == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
         hd = self.MODEL_DIM // self.NUM_HEADS
         need(0 <= self.ROPE_DIMS <= hd and self.ROPE_DIMS % 2 == 0, "ROPE_DIMS", f"must be even and <= head_dim {hd}")
+        need(self.ROPE_DIMS != 2 or self.ROPE_SCALING == "none" or self.TRAIN_SEQ_LEN <= 1024, "ROPE_DIMS",
+             "ntk1024 scaling needs ROPE_DIMS > 2 (exponent d/(d-2)); set ROPE_SCALING=none")
         need(self.XSA_LAST_N <= self.NUM_LAYERS, "XSA_LAST_N", "must be <= NUM_LAYERS")
         need(self.BIGRAM_VOCAB_SIZE != 1, "BIGRAM_VOCAB_SIZE", "0 disables; otherwise >= 2 (one bucket is reserved)")
         need(0 <= self.SWA_WEIGHT <= 1, "SWA_WEIGHT", "must be in [0, 1]")
@@ -398,12 +407,15 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims),
                              persistent=False)
 
+    def cos_sin(self, T: int) -> tuple[Tensor, Tensor]:
+        freqs = torch.outer(torch.arange(T, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos(), freqs.sin()
+
     def forward(self, x: Tensor) -> Tensor:
         if self.dims == 0:
             return x
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)[None, :, None, :]
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        cos, sin = self.cos_sin(x.size(1))
+        cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
         half = self.dims // 2
         a, b, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
         return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
@@ -528,7 +540,7 @@ class GPT(nn.Module):
         self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
         self.n_enc = n // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, n - self.n_enc), d))
-        self.rotary = Rotary(h.ROPE_DIMS, h.ROPE_BASE)
+        self.rotary = Rotary(h.ROPE_DIMS, h.rope_base)
         self.observe = _no_observe  # replaced during Hessian collection
         self.act_dtype = torch.float32  # residual stream dtype: bf16 under CUDA autocast (build_model)
         self._init_weights(h)
@@ -885,20 +897,21 @@ def train_step(model_c, loader, opt: Optimizers, h, ctx, step: int, lr_mult: flo
 
 
 class WeightAverages:
-    """EMA of every parameter after each step, plus an SWA mean of snapshots late in warmdown;
-    the final weights blend them: (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * SWA."""
+    """EMA of every parameter after each step; the final weights are the EMA, as PR #549 used. With
+    SWA_WEIGHT > 0 an SWA mean of snapshots late in warmdown is kept too, and the final weights blend
+    them: (1 - SWA_WEIGHT) * EMA + SWA_WEIGHT * SWA (unmeasured at 8xH100 scale: a setting, off by default)."""
 
     def __init__(self, model: nn.Module, h: Hyperparameters):
         self.params = list(model.parameters())
         self.h = h
         self.ema = [p.detach().float().clone() for p in self.params]
-        self.swa = [torch.zeros_like(e) for e in self.ema]
+        self.swa = [torch.zeros_like(e) for e in self.ema] if h.SWA_WEIGHT > 0 else []
         self.swa_count = 0
 
     @torch.no_grad()
     def update(self, step: int, lr_mult: float, ctx: Context):
         torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - self.h.EMA_DECAY)
-        if lr_mult < self.h.SWA_START_LR and step % self.h.SWA_EVERY == 0:
+        if self.swa and lr_mult < self.h.SWA_START_LR and step % self.h.SWA_EVERY == 0:
             if self.swa_count == 0:
                 ctx.log(f"swa:start step:{step}")
             torch._foreach_add_(self.swa, [p.detach().float() for p in self.params])
@@ -907,9 +920,9 @@ class WeightAverages:
     @torch.no_grad()
     def apply(self, ctx: Context):
         w = self.h.SWA_WEIGHT if self.swa_count else 0.0
-        for p, e, s in zip(self.params, self.ema, self.swa):
-            p.copy_((1 - w) * e + (w / max(self.swa_count, 1)) * s)
-        ctx.log(f"ema_swa:blend swa_weight:{w} swa_count:{self.swa_count}")
+        for i, p in enumerate(self.params):
+            p.copy_((1 - w) * self.ema[i] + (w / self.swa_count) * self.swa[i] if w else self.ema[i])
+        ctx.log(f"ema_swa:blend swa_weight:{w} swa_count:{self.swa_count}" if w else "ema:applying EMA weights")
 
 
 def compile_warmup(model, model_c, loader_fn, h, ctx):
@@ -999,6 +1012,14 @@ BANK_SLOTS = (("attn.c_q", "qo_bank", 0, "attn.qkv"), ("attn.c_k", "kv_bank", 0,
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP",
               "ROPE_BASE", "ROPE_DIMS", "LN_SCALE", "QK_GAIN_INIT", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
               "VE_ENABLED", "VE_DIM", "VE_LAYERS")
+
+
+def model_config(h: Hyperparameters) -> dict:
+    """The artifact's model settings. RoPE is pinned to the resolved base, so a reload at any TRAIN_SEQ_LEN
+    rebuilds the model that was trained."""
+    return {k: getattr(h, k) for k in MODEL_KEYS} | {"ROPE_BASE": h.rope_base, "ROPE_SCALING": "none"}
+
+
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 PASSTHROUGH_MAX = 65_536  # tensors this small (scales, gates, small projections) stay fp16
 
@@ -1184,7 +1205,7 @@ def dequantize_state(entries: dict, n_layers: int) -> dict[str, Tensor]:
     return rebank(flat, n_layers)
 
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLF", 1
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLF", 2  # 2: config pins the resolved RoPE base
 CODECS = ("lzma", "zstd", "brotli")
 LAYOUTS = ("row", "col")  # int codes stored row-major, or transposed (columns often compress better)
 
@@ -1374,7 +1395,7 @@ def pack_artifact(entries: dict | None, h: Hyperparameters, ctx: Context, meta: 
     """Rank 0 fits the quantized entries under the cap and writes the artifact atomically; every rank then
     waits for the file. Reads no data: compression runs after the training clock (frontier.md §3.3)."""
     if ctx.master:
-        config = {k: getattr(h, k) for k in MODEL_KEYS}
+        config = model_config(h)
         code_bytes = code_size()
         blob = fit_artifact(entries, config, meta, code_bytes, h.SIZE_CAP_BYTES, ctx)
         write_atomic(h.ARTIFACT_PATH, blob)
@@ -1584,6 +1605,8 @@ def build_model(h: Hyperparameters, ctx: Context) -> GPT:
 
 def log_model(model: GPT, h: Hyperparameters, ctx: Context):
     ctx.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    ctx.log(f"rope_base:{h.rope_base:.2f} rope_scaling:{h.ROPE_SCALING} rope_dims:{h.ROPE_DIMS} "
+            f"train_seq_len:{h.TRAIN_SEQ_LEN}")
     ctx.log(f"XSA:last_{h.XSA_LAST_N} active_layers:{[b.layer for b in model.blocks if b.use_xsa]}")
     ctx.log(f"world_size:{ctx.world} grad_accum_steps:{ctx.grad_accum}")
     ctx.log(f"attention_mode:gqa num_heads:{h.NUM_HEADS} num_kv_heads:{h.NUM_KV_HEADS}")
@@ -1621,6 +1644,7 @@ def load_eval_model(path: str, h: Hyperparameters, ctx: Context) -> tuple[GPT, d
     """Every rank reads the artifact from disk, as a fresh process would, into a freshly built model."""
     config, meta, entries = read_artifact(path)
     h.update(config)
+    ctx.log(f"eval_model:{path} rope_base:{h.rope_base:.2f}")
     model = build_model(h, ctx)
     state = {k: v.to(ctx.device) for k, v in dequantize_state(entries, h.NUM_LAYERS).items()}
     model.load_state_dict(state, strict=True)

@@ -131,7 +131,7 @@ def run_script(tmp_path, env: dict, nproc: int = 1, timeout: int = 300) -> subpr
 
 class FakeCtx:
     """Single-process stand-in for train_gpt.Context (world/rank settable) that keeps the log in a list."""
-    device, cuda, grad_accum = torch.device("cpu"), False, 8
+    device, cuda, grad_accum, act_dtype = torch.device("cpu"), False, 8, torch.float32
 
     def __init__(self, world: int = 1, rank: int = 0, master: bool = False):
         self.world, self.rank, self.master, self.logs = world, rank, master, []

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import free_port, make_text, tiny_env, write_shard
+from conftest import FakeCtx, free_port, make_text, tiny_env, write_shard
 
 
 # ---------------------------------------------------------------- configuration
@@ -35,27 +35,40 @@ def test_hyperparameters_read_env_when_constructed(monkeypatch):
     ({"VE_LAYERS": "9,11"}, "VE_LAYERS"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
     ({"SWA_WEIGHT": "1.5"}, "SWA_WEIGHT"),
+    ({"ROPE_SCALING": "yarn"}, "ROPE_SCALING"),
+    ({"ROPE_DIMS": "2"}, "ROPE_DIMS"),  # ntk1024 at 2048 tokens: exponent d/(d-2) undefined
 ])
 def test_bad_settings_fail_naming_the_variable(env, needle):
     with pytest.raises(ValueError, match=needle):
         tg.Hyperparameters(env)
 
 
-def test_defaults_are_the_record_configuration():
+# PR #549 (records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon, 1.1194 bpb): the settings of
+# its run command, and its script's defaults for the rest.
+PR549 = dict(VOCAB_SIZE=1024, NUM_LAYERS=11, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, MLP_MULT=3.0,
+             LOGIT_SOFTCAP=30.0, ROPE_BASE=10000.0, ROPE_DIMS=16, LN_SCALE=True, QK_GAIN_INIT=1.5,
+             TIED_EMBED_INIT_STD=0.005, XSA_LAST_N=4, BIGRAM_VOCAB_SIZE=1536, BIGRAM_DIM=128, VE_ENABLED=True,
+             VE_DIM=128, VE_LAYERS="9,10", TRAIN_SEQ_LEN=2048, TRAIN_BATCH_TOKENS=786_432, ITERATIONS=9000,
+             WARMUP_STEPS=20, WARMDOWN_ITERS=3500, MAX_WALLCLOCK_SECONDS=600.0, MATRIX_LR=0.025, SCALAR_LR=0.025,
+             TIED_EMBED_LR=0.035, MUON_MOMENTUM=0.99, MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM_WARMUP_STEPS=1500,
+             MUON_BACKEND_STEPS=5, MUON_WD=0.04, ADAM_WD=0.04, BETA1=0.9, BETA2=0.95, ADAM_EPS=1e-8,
+             GRAD_CLIP_NORM=0.3, EMA_DECAY=0.997, SWA_EVERY=50, EVAL_SEQ_LEN=2048, EVAL_STRIDE=64,
+             TTT_ENABLED=True, TTT_OPTIMIZER="sgd", TTT_LR=0.002, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768,
+             TTT_FREEZE_BLOCKS=0, TTT_MOMENTUM=0.9, TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0, SEED=1337)
+
+
+def test_defaults_are_the_pr549_record_configuration():
     h = tg.Hyperparameters({})
-    assert (h.NUM_LAYERS, h.MODEL_DIM, h.NUM_HEADS, h.NUM_KV_HEADS, h.MLP_MULT, h.VOCAB_SIZE) == (11, 512, 8, 4, 3.0, 1024)
-    assert (h.TRAIN_SEQ_LEN, h.TRAIN_BATCH_TOKENS, h.WARMDOWN_ITERS, h.MAX_WALLCLOCK_SECONDS) == (2048, 786432, 3500, 600)
-    assert (h.BIGRAM_VOCAB_SIZE, h.BIGRAM_DIM, h.VE_DIM, h.ve_layers, h.ROPE_DIMS) == (3072, 128, 128, [9, 10], 16)
-    assert (h.XSA_LAST_N, h.LOGIT_SOFTCAP, h.EMA_DECAY, h.SWA_EVERY, h.SWA_WEIGHT) == (4, 30.0, 0.997, 50, 0.5)
+    assert {k: getattr(h, k) for k in PR549} == PR549
+    assert h.SWA_WEIGHT == 0  # the record applied EMA alone (its SWA was collected, never applied)
+    assert h.ROPE_SCALING == "ntk1024" and round(h.rope_base, 2) == 22081.79  # what it trained with at 2048
 
 
-def test_default_parameter_count_matches_shapes():
+def test_default_parameter_count_is_the_records():
     h = tg.Hyperparameters({})
     model = tg.GPT(h)  # real init: also checks orthogonal init works at full size
     n = sum(p.numel() for p in model.parameters())
-    assert n == tg.count_params_from_shapes(h)
-    # lineage R23 count with its bigram 1536x128 is 26,928,220; ours differs only by the bigram table
-    assert n - 26_928_220 == (3072 - 1536) * 128
+    assert n == tg.count_params_from_shapes(h) == 26_928_220  # model_params in the PR #549 logs
 
 
 # ---------------------------------------------------------------- data
@@ -204,6 +217,62 @@ def test_partial_rope_rotates_only_first_dims_and_is_length_independent():
     a, b = x[0, t, 0, :2], x[0, t, 0, 2:4]
     c, s = torch.cos(t * f), torch.sin(t * f)
     assert torch.allclose(y[0, t, 0, :4], torch.cat([a * c + b * s, b * c - a * s]), atol=1e-5)
+
+
+def _rope_hparams(**over):
+    return tg.Hyperparameters(tiny_env("unused.model", "unused", MODEL_DIM=64, NUM_HEADS=4, ROPE_DIMS=16, **over))
+
+
+def _closed_form_cos_sin(base: float, T: int, d: int = 16):
+    ang = torch.arange(T, dtype=torch.float64)[:, None] / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    return ang.cos(), ang.sin()
+
+
+@pytest.mark.parametrize("T", [256, 1024, 1536, 2048, 3072])
+def test_rope_uses_the_records_stretched_base_at_the_training_length(T):
+    """ntk1024: base * (T/1024)^(d/(d-2)) past 1024 tokens (PR #549's rule), the plain base at or below; the
+    model's rotary uses that base at every length, so a short eval window sees the training frequencies."""
+    h = _rope_hparams(TRAIN_SEQ_LEN=T, EVAL_SEQ_LEN=T)
+    base = 10000.0 * (T / 1024) ** (16 / 14) if T > 1024 else 10000.0
+    assert h.rope_base == pytest.approx(base, rel=1e-12)
+    cos, sin = tg.GPT(h).rotary.cos_sin(T)
+    want_cos, want_sin = _closed_form_cos_sin(base, T)
+    torch.testing.assert_close(cos.double(), want_cos, atol=2e-3, rtol=0)
+    torch.testing.assert_close(sin.double(), want_sin, atol=2e-3, rtol=0)
+    plain_cos, _ = _closed_form_cos_sin(10000.0, T)
+    assert ((cos.double() - plain_cos).abs().max() > 0.5) == (T > 1024)
+    short_cos, short_sin = tg.GPT(h).rotary.cos_sin(64)
+    assert torch.equal(short_cos, cos[:64]) and torch.equal(short_sin, sin[:64])
+
+
+def test_rope_scaling_none_keeps_the_plain_base():
+    h = _rope_hparams(TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=2048, ROPE_SCALING="none")
+    cos, sin = tg.GPT(h).rotary.cos_sin(2048)
+    want_cos, want_sin = _closed_form_cos_sin(10000.0, 2048)
+    assert h.rope_base == 10000.0
+    torch.testing.assert_close(cos.double(), want_cos, atol=2e-3, rtol=0)
+    torch.testing.assert_close(sin.double(), want_sin, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("swa_weight", [0.0, 0.5])
+def test_final_weights_are_ema_alone_by_default_and_the_blend_when_set(swa_weight):
+    h = tg.Hyperparameters(tiny_env("unused.model", "unused", SWA_WEIGHT=swa_weight, SWA_EVERY=2, SWA_START_LR=0.5,
+                                    EMA_DECAY=0.5))
+    model = torch.nn.Linear(2, 1, bias=False)
+    ctx = FakeCtx()
+    avg = tg.WeightAverages(model, h)
+    ema, snaps = model.weight.detach().clone(), []
+    for step, (w, lr_mult) in enumerate([(1.0, 1.0), (2.0, 1.0), (3.0, 0.4), (4.0, 0.3), (6.0, 0.2), (7.0, 0.1)], start=1):
+        model.weight.data.fill_(w)
+        avg.update(step, lr_mult, ctx)
+        ema = 0.5 * ema + 0.5 * w
+        snaps += [w] if lr_mult < 0.5 and step % 2 == 0 else []
+    avg.apply(ctx)
+    assert snaps == [4.0, 7.0] and avg.swa_count == (2 if swa_weight else 0)
+    want = (1 - swa_weight) * ema + swa_weight * sum(snaps) / len(snaps)
+    torch.testing.assert_close(model.weight.detach(), want)
+    assert ctx.logs[-1] == ("ema:applying EMA weights" if not swa_weight else "ema_swa:blend swa_weight:0.5 swa_count:2")
+    assert avg.swa == [] if not swa_weight else len(avg.swa) == 1  # EMA alone keeps no SWA copy
 
 
 def test_sdpa_gqa_matches_repeated_kv_attention():

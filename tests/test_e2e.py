@@ -25,7 +25,8 @@ def test_validation_loss_falls(trained):
 
 def test_log_has_lineage_lines_and_proves_bytes(trained):
     d, _, log = trained
-    for pat in (r"^model_params:\d+", r"^hparam:SEED=7$", r"^attention_backend:sdpa", r"^ema_swa:blend swa_weight:0.5 swa_count:[1-9]",
+    for pat in (r"^model_params:\d+", r"^hparam:SEED=7$", r"^attention_backend:sdpa", r"^ema:applying EMA weights$",
+                r"^rope_base:10000\.00 rope_scaling:ntk1024 rope_dims:4 train_seq_len:32$",
                 r"^gptq:calibration end train_time:\d+ms tokens:\d+", r"^final_int6_roundtrip_exact ", r"^quant_gap val_bpb:",
                 r"^final_int6_sliding_window val_loss:[\d.]+ val_bpb:[\d.]+ stride:8 eval_time:\d+ms",
                 r"^legal_ttt_exact ", r"^final_eval_time:"):

@@ -43,7 +43,7 @@ def hparams(**over) -> tg.Hyperparameters:
 
 
 def config_of(h):
-    return {k: getattr(h, k) for k in tg.MODEL_KEYS}
+    return tg.model_config(h)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,22 @@ def test_pack_read_artifact_roundtrip(quantized, tmp_path, codec, layout):
     config, meta, out = tg.read_artifact(str(path))
     assert config == config_of(h) and meta == {"a": 1}
     assert_entries_identical(entries, out)
+
+
+def test_artifact_pins_the_trained_rope_base(quantized, tmp_path):
+    """A model trained at 2048 tokens (ntk1024 stretch) reloads with its base, whatever TRAIN_SEQ_LEN the
+    evaluating process has: the artifact stores the resolved base, not the rule."""
+    h, _, _, entries = quantized
+    trained = copy.copy(h)
+    trained.update({"TRAIN_SEQ_LEN": 2048})  # ROPE_DIMS 4: base 10000 * 2^(4/2)
+    assert trained.rope_base == 40000.0 and h.rope_base == 10000.0
+    path = tmp_path / "m.ptz"
+    tg.write_atomic(str(path), tg.pack(tg.serialize(entries, config_of(trained), {}, "row"), "lzma"))
+    for seq_len in (32, 4096):
+        evaluating = hparams(TRAIN_SEQ_LEN=seq_len)
+        model, _ = tg.load_eval_model(str(path), evaluating, Ctx())
+        assert evaluating.rope_base == 40000.0
+        assert torch.equal(model.rotary.inv_freq, tg.GPT(trained).rotary.inv_freq)
 
 
 def test_all_three_codecs_are_available():
