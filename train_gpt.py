@@ -170,7 +170,7 @@ class Hyperparameters:
         need(self.NUM_HEADS % self.NUM_KV_HEADS == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
         hd = self.MODEL_DIM // self.NUM_HEADS
         need(0 <= self.ROPE_DIMS <= hd and self.ROPE_DIMS % 2 == 0, "ROPE_DIMS", f"must be even and <= head_dim {hd}")
-        need(self.ROPE_DIMS != 2 or self.ROPE_SCALING == "none" or self.TRAIN_SEQ_LEN <= 1024, "ROPE_DIMS",
+        need(self.ROPE_DIMS != 2 or self.ROPE_SCALING == "none", "ROPE_DIMS",
              "ntk1024 scaling needs ROPE_DIMS > 2 (exponent d/(d-2)); set ROPE_SCALING=none")
         need(self.XSA_LAST_N <= self.NUM_LAYERS, "XSA_LAST_N", "must be <= NUM_LAYERS")
         need(self.BIGRAM_VOCAB_SIZE != 1, "BIGRAM_VOCAB_SIZE", "0 disables; otherwise >= 2 (one bucket is reserved)")
@@ -656,7 +656,7 @@ class ParallelMuon:
             work.wait()
         if self.world > 1:
             self.shards = [s.float() / self.world for s in self.shards]
-        return sum(s.float().square().sum() for s in self.shards)
+        return sum(s.square().sum() for s in self.shards)
 
     @torch.no_grad()
     def step(self, momentum: float, clip_coef: Tensor):
@@ -1474,7 +1474,8 @@ class TTTState:
     def __init__(self, model: GPT, h: Hyperparameters, ctx: Context):
         n, f = h.NUM_LAYERS, h.TTT_FREEZE_BLOCKS
         frozen = [p for block in model.blocks[:f] for p in block.parameters()]
-        self.params = [p for p in model.parameters() if all(p is not q for q in frozen)]
+        frozen_ids = {id(p) for p in frozen}
+        self.params = [p for p in model.parameters() if id(p) not in frozen_ids]
         # Bank slot j holds layer j % n (qo/kv banks stack two matrices per layer, mlp banks one).
         self.banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank] if f else []
         self.n, self.f, self.clip = n, f, h.TTT_GRAD_CLIP

@@ -235,13 +235,14 @@ def test_rope_uses_the_records_stretched_base_at_the_training_length(T):
     h = _rope_hparams(TRAIN_SEQ_LEN=T, EVAL_SEQ_LEN=T)
     base = 10000.0 * (T / 1024) ** (16 / 14) if T > 1024 else 10000.0
     assert h.rope_base == pytest.approx(base, rel=1e-12)
-    cos, sin = tg.GPT(h).rotary.cos_sin(T)
+    rotary = tg.GPT(h).rotary
+    cos, sin = rotary.cos_sin(T)
     want_cos, want_sin = _closed_form_cos_sin(base, T)
     torch.testing.assert_close(cos.double(), want_cos, atol=2e-3, rtol=0)
     torch.testing.assert_close(sin.double(), want_sin, atol=2e-3, rtol=0)
     plain_cos, _ = _closed_form_cos_sin(10000.0, T)
     assert ((cos.double() - plain_cos).abs().max() > 0.5) == (T > 1024)
-    short_cos, short_sin = tg.GPT(h).rotary.cos_sin(64)
+    short_cos, short_sin = rotary.cos_sin(64)
     assert torch.equal(short_cos, cos[:64]) and torch.equal(short_sin, sin[:64])
 
 

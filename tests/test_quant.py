@@ -143,11 +143,12 @@ def test_artifact_pins_the_trained_rope_base(quantized, tmp_path):
     assert trained.rope_base == 40000.0 and h.rope_base == 10000.0
     path = tmp_path / "m.ptz"
     tg.write_atomic(str(path), tg.pack(tg.serialize(entries, config_of(trained), {}, "row"), "lzma"))
+    trained_inv_freq = tg.GPT(trained).rotary.inv_freq
     for seq_len in (32, 4096):
         evaluating = hparams(TRAIN_SEQ_LEN=seq_len)
         model, _ = tg.load_eval_model(str(path), evaluating, Ctx())
         assert evaluating.rope_base == 40000.0
-        assert torch.equal(model.rotary.inv_freq, tg.GPT(trained).rotary.inv_freq)
+        assert torch.equal(model.rotary.inv_freq, trained_inv_freq)
 
 
 def test_all_three_codecs_are_available():
