@@ -33,8 +33,10 @@ from torch import Tensor, nn
 # Config
 # ----------------------------------------------------------------------------------------------
 
-# (env var, type, default). Defaults are the PR #549 record's configuration (README: "Where we differ").
+# (env var, type, default). Defaults are the PR #549 record's configuration (README: "Where we differ");
+# PRESET swaps in another record's values (PRESETS below), and an explicit env var still wins over both.
 HPARAMS = [
+    ("PRESET", str, "pr549"),
     ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024"),
     ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model"),
     ("RUN_ID", str, ""),
@@ -58,11 +60,22 @@ HPARAMS = [
     ("VE_ENABLED", bool, True),
     ("VE_DIM", int, 128),
     ("VE_LAYERS", str, "9,10"),
+    ("SMEAR_GATE", str, "static"),
+    ("SPARSE_ATTN_GATE_ENABLED", bool, False),
+    ("SPARSE_ATTN_GATE_SCALE", float, 1.0),
+    ("SKIP_GATES_ENABLED", bool, False),
+    ("NUM_LOOPS", int, 0),
+    ("LOOP_START", int, 3),
+    ("LOOP_END", int, 5),
+    ("ENABLE_LOOPING_AT", float, 0.35),
+    ("PARALLEL_START_LAYER", int, 0),
     ("TRAIN_SEQ_LEN", int, 2048),
     ("TRAIN_BATCH_TOKENS", int, 786_432),
     ("ITERATIONS", int, 9000),
     ("WARMUP_STEPS", int, 20),
     ("WARMDOWN_ITERS", int, 3500),
+    ("WARMDOWN_FRAC", float, 0.0),
+    ("MIN_LR", float, 0.0),
     ("MAX_WALLCLOCK_SECONDS", float, 600.0),
     ("GPTQ_RESERVE_SECONDS", float, 12.0),
     ("VAL_LOSS_EVERY", int, 4000),
@@ -74,7 +87,10 @@ HPARAMS = [
     ("MUON_MOMENTUM_WARMUP_START", float, 0.92),
     ("MUON_MOMENTUM_WARMUP_STEPS", int, 1500),
     ("MUON_BACKEND_STEPS", int, 5),
+    ("MUON_ROW_NORMALIZE", bool, False),
+    ("MUON_POLAR_EXPRESS", bool, False),
     ("MUON_WD", float, 0.04),
+    ("EMBED_WD", float, 0.04),
     ("ADAM_WD", float, 0.04),
     ("BETA1", float, 0.9),
     ("BETA2", float, 0.95),
@@ -106,11 +122,32 @@ HPARAMS = [
     ("TTT_GRAD_CLIP", float, 1.0),
     ("COMPILE", str, "auto"),
 ]
+# A preset is another record's configuration: one variable selects it, explicit env vars override it.
+PRESETS = {
+    "pr549": {},  # the defaults above: 1.1194 bpb
+    # The SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 (1.0611 with CaseOps, LQER and LoRA TTT, which are
+    # not here): MLP 4x, XSA everywhere, QK-gain 5, no BigramHash/VE, BOS-masked SmearGate, sparse attention
+    # gate, gated skips, layers 3-5 looped twice more from 35% of training, two residual lanes from layer 8,
+    # MuonEq-R + Polar Express at momentum 0.97, high weight decay, warmdown over 85% of the clock to 10% LR.
+    "sp8192": dict(
+        DATA_PATH="./data/datasets/fineweb10B_sp8192", TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model",
+        VOCAB_SIZE=8192, MLP_MULT=4.0, ROPE_SCALING="none", QK_GAIN_INIT=5.0, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0,
+        VE_ENABLED=False, SMEAR_GATE="bos", SPARSE_ATTN_GATE_ENABLED=True, SPARSE_ATTN_GATE_SCALE=0.5,
+        SKIP_GATES_ENABLED=True, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, ENABLE_LOOPING_AT=0.35,
+        PARALLEL_START_LAYER=8, ITERATIONS=20000, WARMDOWN_ITERS=0, WARMDOWN_FRAC=0.85, MIN_LR=0.10,
+        MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_ROW_NORMALIZE=True,
+        MUON_POLAR_EXPRESS=True, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, EMA_DECAY=0.9965,
+        TTT_LR=0.005, VAL_LOSS_EVERY=0),
+}
 # Env vars with these prefixes must be ours: a typo (TTT_EPOCH=1) fails instead of being ignored.
 OWN_PREFIXES = ("MUON_", "ADAM_", "TTT_", "EMA_", "SWA_", "GPTQ_", "XSA_", "BIGRAM_", "VE_", "ROPE_",
-                "EVAL_", "QAT_", "LATE_QAT", "TRAIN_", "VAL_")
+                "EVAL_", "QAT_", "LATE_QAT", "TRAIN_", "VAL_", "PRESET", "SMEAR_", "SPARSE_", "SKIP_", "LOOP_",
+                "PARALLEL_", "WARMDOWN_", "EMBED_")
 # COMPILE auto: on CUDA only. ROPE_SCALING ntk1024: the base PR #549 trained with (Hyperparameters.update).
-CHOICES = {"TTT_OPTIMIZER": ("sgd", "adamw"), "COMPILE": ("auto", "0", "1"), "ROPE_SCALING": ("ntk1024", "none")}
+# SMEAR_GATE: static (#549: one learned mix per channel), bos (input-dependent, never across a BOS), off.
+CHOICES = {"TTT_OPTIMIZER": ("sgd", "adamw"), "COMPILE": ("auto", "0", "1"), "ROPE_SCALING": ("ntk1024", "none"),
+           "PRESET": tuple(PRESETS), "SMEAR_GATE": ("static", "bos", "off")}
+GATE_WINDOW = 12  # the bos SmearGate and the sparse attention gate read the first 12 dims, as the records
 
 
 def _parse(name: str, typ: type, raw: str):
@@ -133,8 +170,11 @@ class Hyperparameters:
         unknown = sorted(k for k in env if k.startswith(OWN_PREFIXES) and k not in known)
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}: not read by this script")
+        preset = env.get("PRESET", "pr549")
+        if preset not in PRESETS:
+            raise ValueError(f"PRESET={preset!r}: must be one of {tuple(PRESETS)}")
         for name, typ, default in HPARAMS:
-            setattr(self, name, _parse(name, typ, env[name]) if name in env else default)
+            setattr(self, name, _parse(name, typ, env[name]) if name in env else PRESETS[preset].get(name, default))
         self.RUN_ID = self.RUN_ID or str(uuid.uuid4())
         self.update({})
 
@@ -151,6 +191,12 @@ class Hyperparameters:
         stretch = self.ROPE_SCALING == "ntk1024" and self.TRAIN_SEQ_LEN > 1024
         d = self.ROPE_DIMS
         self.rope_base = self.ROPE_BASE * (self.TRAIN_SEQ_LEN / 1024) ** (d / (d - 2)) if stretch else self.ROPE_BASE
+        n, a, b = self.NUM_LAYERS, self.LOOP_START, self.LOOP_END
+        # Depth recurrence: layers a..b run 1 + NUM_LOOPS times once looping is on (0,1,2,3,4,5,3,4,5,3,4,5,6,...).
+        self.loop_order = (list(range(a)) + list(range(a, b + 1)) * (1 + self.NUM_LOOPS) + list(range(b + 1, n))
+                           if self.NUM_LOOPS else list(range(n)))
+        v = len(self.loop_order)
+        self.n_skips = min(v // 2, v - v // 2)  # U-Net skips of the longest (looped) order
 
     def _validate(self):
         def need(ok, name, why):
@@ -163,7 +209,8 @@ class Hyperparameters:
                      "TTT_BATCH_SEQS", "SWA_EVERY", "MUON_BACKEND_STEPS", "GPTQ_BLOCK_SIZE", "SIZE_CAP_BYTES"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("ITERATIONS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
-                     "GPTQ_CALIB_BATCHES", "TTT_EPOCHS", "TTT_FREEZE_BLOCKS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE"):
+                     "GPTQ_CALIB_BATCHES", "TTT_EPOCHS", "TTT_FREEZE_BLOCKS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
+                     "NUM_LOOPS", "LOOP_START", "PARALLEL_START_LAYER"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.VOCAB_SIZE <= 65535, "VOCAB_SIZE", "shards store uint16 token ids (at most 65,535)")
         need(self.MODEL_DIM % self.NUM_HEADS == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
@@ -176,6 +223,17 @@ class Hyperparameters:
         need(self.BIGRAM_VOCAB_SIZE != 1, "BIGRAM_VOCAB_SIZE", "0 disables; otherwise >= 2 (one bucket is reserved)")
         need(0 <= self.SWA_WEIGHT <= 1, "SWA_WEIGHT", "must be in [0, 1]")
         need(0 < self.EMA_DECAY < 1, "EMA_DECAY", "must be in (0, 1)")
+        for name in ("ENABLE_LOOPING_AT", "WARMDOWN_FRAC", "MIN_LR"):
+            need(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+        need(not (self.WARMDOWN_FRAC and self.WARMDOWN_ITERS), "WARMDOWN_FRAC",
+             "and WARMDOWN_ITERS both set: choose one (set the other to 0)")
+        need(self.NUM_LOOPS == 0 or self.LOOP_START <= self.LOOP_END < self.NUM_LAYERS, "LOOP_END",
+             "must be in [LOOP_START, NUM_LAYERS)")
+        # Lanes are the model's contiguous tail: decoder layers only, after any looped layer.
+        need(self.PARALLEL_START_LAYER == 0 or self.NUM_LAYERS // 2 <= self.PARALLEL_START_LAYER < self.NUM_LAYERS
+             and (self.NUM_LOOPS == 0 or self.PARALLEL_START_LAYER > self.LOOP_END), "PARALLEL_START_LAYER",
+             "0 (off) or a decoder layer (>= NUM_LAYERS // 2) after LOOP_END")
+        need(self.MODEL_DIM >= GATE_WINDOW, "MODEL_DIM", f"gates read the first {GATE_WINDOW} dims")
         need(self.EVAL_STRIDE <= self.EVAL_SEQ_LEN, "EVAL_STRIDE", "must be <= EVAL_SEQ_LEN")
         need(0 <= self.GPTQ_RESERVE_SECONDS < self.MAX_WALLCLOCK_SECONDS or self.MAX_WALLCLOCK_SECONDS <= 0,
              "GPTQ_RESERVE_SECONDS", "must be below MAX_WALLCLOCK_SECONDS")
@@ -183,7 +241,8 @@ class Hyperparameters:
             layers = [int(v) for v in self.VE_LAYERS.split(",") if v.strip()]
         except ValueError:
             raise ValueError(f"VE_LAYERS={self.VE_LAYERS!r}: must be comma-separated layer indices") from None
-        need(all(0 <= i < self.NUM_LAYERS for i in layers), "VE_LAYERS", f"indices must be in [0, {self.NUM_LAYERS})")
+        need(not self.VE_ENABLED or all(0 <= i < self.NUM_LAYERS for i in layers), "VE_LAYERS",
+             f"indices must be in [0, {self.NUM_LAYERS})")
 
     def items(self):
         return [(n, getattr(self, n)) for n, _, _ in HPARAMS]
@@ -194,6 +253,7 @@ class Hyperparameters:
 # ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024
+BOS_ID = 1  # every document starts with it (the challenge tokenizers' bos_id; data/build_shards.py checks)
 
 
 def load_data_shard(path: str, vocab_size: int) -> np.ndarray:
@@ -429,16 +489,39 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
 
 
+def previous_token(x: Tensor) -> Tensor:
+    return F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
 class SmearGate(nn.Module):
-    """out_t = (1-g) x_t + g x_{t-1}, g = sigmoid(gate), x_{-1} = 0."""
+    """PR #549's: out_t = (1-g) x_t + g x_{t-1} on the normed embedding, g = sigmoid(gate) per channel. It mixes
+    across document boundaries (a BOS sees the previous document's last token)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        g = torch.sigmoid(self.gate).to(x.dtype)
-        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        x, g = rms_norm(x), torch.sigmoid(self.gate).to(x.dtype)
+        return (1 - g) * x + g * previous_token(x)
+
+
+class BosSmearGate(nn.Module):
+    """PR #1851's: x_t += lam * sigmoid(w . x_t[:12]) * x_{t-1} on the raw embedding, then the norm; nothing
+    flows into a BOS, so no document sees the one before. lam starts at 0: the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(GATE_WINDOW))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        g = self.lam.to(x.dtype) * torch.sigmoid(x[..., :GATE_WINDOW] @ self.gate.to(x.dtype))
+        return rms_norm(x + (g * (ids != BOS_ID))[..., None] * previous_token(x))
+
+
+def build_smear(h: Hyperparameters) -> nn.Module | None:
+    return {"static": lambda: SmearGate(h.MODEL_DIM), "bos": BosSmearGate, "off": lambda: None}[h.SMEAR_GATE]()
 
 
 def bigram_hash(ids: Tensor, buckets: int) -> Tensor:
@@ -483,6 +566,9 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.q_gain = nn.Parameter(torch.full((h.NUM_HEADS,), h.QK_GAIN_INIT))
+        # PR #1787's sparse output gate: per head sigmoid(scale * W x[:12]); W = 0 halves the output at init
+        self.attn_gate = nn.Parameter(torch.zeros(h.NUM_HEADS, GATE_WINDOW)) if h.SPARSE_ATTN_GATE_ENABLED else None
+        self.gate_scale = h.SPARSE_ATTN_GATE_SCALE
 
     def attn(self, x, wq, wk, wv, wo, ve, rotary, observe):
         B, T, _ = x.shape
@@ -498,6 +584,8 @@ class Block(nn.Module):
         y = causal_attention(q, k, v)
         if self.use_xsa:
             y = xsa(y, v)
+        if self.attn_gate is not None:
+            y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_WINDOW], self.attn_gate.to(x.dtype)))[..., None]
         y = y.reshape(B, T, self.nh * self.hd)
         observe(f"blocks.{self.layer}.attn.proj", y)
         return F.linear(y, wo.to(y.dtype))
@@ -514,6 +602,16 @@ class Block(nn.Module):
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_s, *w[:4], ve, rotary, observe)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_s, *w[4:], observe)
 
+    def lanes(self, lane0, lane1, x0, w, ve, rotary, observe, resid, post):
+        """Two-lane parallel residual (PR #1530): attention reads lane 0 (mixed with x0), the MLP reads lane 1,
+        both in parallel; each lane keeps resid[k] of itself and takes post[0, k] of attention, post[1, k] of MLP."""
+        mix, dt = self.resid_mix.to(lane0.dtype), lane0.dtype
+        a = self.attn_scale.to(dt) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.ln_s, *w[:4], ve, rotary,
+                                               observe)
+        m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.ln_s, *w[4:], observe)
+        resid, post = resid.to(dt), post.to(dt)
+        return resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m, resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m
+
 
 def _no_observe(name: str, x: Tensor):
     pass
@@ -521,7 +619,9 @@ def _no_observe(name: str, x: Tensor):
 
 class GPT(nn.Module):
     """Tied-embedding GQA GPT with U-Net skips; the 6 matrices per layer are stacked in 4 banks
-    (qo, kv, mlp_up, mlp_down) so Muon can orthogonalize them in batches and shard them across ranks."""
+    (qo, kv, mlp_up, mlp_down) so Muon can orthogonalize them in batches and shard them across ranks.
+    Layers run in `order()`: plain, or with a range looped once `looping` is set (a Python flag, so the
+    compiled model keeps one graph per value). Layers from PARALLEL_START_LAYER run as two lanes."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -529,7 +629,7 @@ class GPT(nn.Module):
         self.softcap = h.LOGIT_SOFTCAP
         self.tok_emb = nn.Embedding(h.VOCAB_SIZE, d)
         self.bigram = BigramHash(h.BIGRAM_VOCAB_SIZE, h.BIGRAM_DIM, d) if h.BIGRAM_VOCAB_SIZE else None
-        self.smear = SmearGate(d)
+        self.smear = build_smear(h)
         self.qo_bank = nn.Parameter(torch.empty(2 * n, d, d))
         self.kv_bank = nn.Parameter(torch.empty(2 * n, kvd, d))
         self.mlp_up_bank = nn.Parameter(torch.empty(n, hid, d))
@@ -538,8 +638,13 @@ class GPT(nn.Module):
         self.ve_layers = h.ve_layers
         self.ve_shared = ValueEmbedding(h.VOCAB_SIZE, h.VE_DIM, kvd) if self.ve_layers else None
         self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers))) if self.ve_layers else None
-        self.n_enc = n // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, n - self.n_enc), d))
+        self.plain_order, self.loop_order, self.looping = list(range(n)), h.loop_order, False
+        self.skip_weights = nn.Parameter(torch.ones(h.n_skips, d))
+        self.skip_gates = nn.Parameter(torch.zeros(h.n_skips, d)) if h.SKIP_GATES_ENABLED else None
+        self.par_start = h.PARALLEL_START_LAYER
+        n_par = n - self.par_start if self.par_start else 0
+        self.lane_resid = nn.Parameter(torch.full((n_par, 2), 1.1)) if n_par else None  # PR #1530's inits
+        self.lane_post = nn.Parameter(torch.ones(n_par, 2, 2)) if n_par else None
         self.rotary = Rotary(h.ROPE_DIMS, h.rope_base)
         self.observe = _no_observe  # replaced during Hessian collection
         self.act_dtype = torch.float32  # residual stream dtype: bf16 under CUDA autocast (build_model)
@@ -567,21 +672,44 @@ class GPT(nn.Module):
         return (self.qo_bank[i], self.kv_bank[i], self.kv_bank[n + i], self.qo_bank[n + i],
                 self.mlp_up_bank[i], self.mlp_down_bank[i])
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def order(self) -> list[int]:
+        return self.loop_order if self.looping else self.plain_order
+
+    def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids)
         if self.bigram is not None:
             x = x + self.bigram(ids)
-        x = self.smear(rms_norm(x)).to(self.act_dtype)  # the fp32 embeddings would keep the stream fp32
-        x0, skips = x, []
+        x = self.smear(x, ids) if self.smear is not None else rms_norm(x)
+        return x.to(self.act_dtype)  # the fp32 embeddings would keep the stream fp32
+
+    def add_skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
+        """U-Net skip j: x + w*s, or with gates the lerp of PR #1218 (half each at init)."""
+        s = self.skip_weights[j].to(x.dtype) * skip
+        return x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = self.embed(ids)
+        x0, skips, lanes, order = x, [], None, self.order()
+        n_enc = len(order) // 2
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
-        for i, block in enumerate(self.blocks):
-            if i >= self.n_enc and skips:
-                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+        for p, i in enumerate(order):
+            if lanes is None and self.par_start and i >= self.par_start:
+                lanes = (x, x)  # split before this layer's skip, which goes to lane 0 only
+            if p >= n_enc and skips:
+                if lanes is None:
+                    x = self.add_skip(p - n_enc, x, skips.pop())
+                else:
+                    lanes = (self.add_skip(p - n_enc, lanes[0], skips.pop()), lanes[1])
             ve_i = ve * self.ve_layer_scales[self.ve_layers.index(i)] if i in self.ve_layers else None
-            x = block(x, x0, self.layer_weights(i), ve_i, self.rotary, self.observe)
-            if i < self.n_enc:
+            args = (x0, self.layer_weights(i), ve_i, self.rotary, self.observe)
+            if lanes is None:
+                x = self.blocks[i](x, *args)
+            else:
+                k = i - self.par_start
+                lanes = self.blocks[i].lanes(*lanes, *args, self.lane_resid[k], self.lane_post[k])
+            if p < n_enc:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x if lanes is None else 0.5 * (lanes[0] + lanes[1]))
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Per-token NLL (B, T) in fp32; training takes its mean, evaluation sums the scored positions."""
@@ -595,7 +723,10 @@ def count_params_from_shapes(h: Hyperparameters) -> int:
     """Parameter count computed from the architecture's shapes (a cross-check of the module)."""
     n, d, kvd, hid = h.NUM_LAYERS, h.MODEL_DIM, h.NUM_KV_HEADS * h.head_dim, h.mlp_hidden
     total = h.VOCAB_SIZE * d + 2 * n * d * d + 2 * n * kvd * d + 2 * n * hid * d
-    total += n * (4 * d + h.NUM_HEADS) + min(n // 2, n - n // 2) * d + d
+    total += n * (4 * d + h.NUM_HEADS) + h.n_skips * d * (2 if h.SKIP_GATES_ENABLED else 1)
+    total += {"static": d, "bos": GATE_WINDOW + 1, "off": 0}[h.SMEAR_GATE]
+    total += n * h.NUM_HEADS * GATE_WINDOW if h.SPARSE_ATTN_GATE_ENABLED else 0
+    total += (n - h.PARALLEL_START_LAYER) * 6 if h.PARALLEL_START_LAYER else 0
     if h.BIGRAM_VOCAB_SIZE:
         total += h.BIGRAM_VOCAB_SIZE * h.BIGRAM_DIM + h.BIGRAM_DIM * d + 1
     if h.ve_layers:
@@ -607,18 +738,37 @@ def count_params_from_shapes(h: Hyperparameters) -> int:
 # Optimizers: Muon on the banks (Parallel Muon across ranks), AdamW on embeddings and scalars
 # ----------------------------------------------------------------------------------------------
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
+NS_QUINTIC = ((3.4445, -4.7750, 2.0315),)  # one tuple, every iteration (the lineage's Muon)
+# Polar Express (Amsel et al. 2025; PR #1787): one minimax-optimal tuple per iteration, the last one repeating.
+NS_POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, coeffs=NS_QUINTIC) -> Tensor:
     """Batched quintic Newton-Schulz: approximately U V^T for each matrix of a (B, M, N) stack."""
-    a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16() if G.is_cuda else G.float()
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for k in range(steps):
+        a, b, c = coeffs[min(k, len(coeffs) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if tall else X).to(G.dtype)
+
+
+def muon_direction(g: Tensor, buf: Tensor, momentum: float, steps: int, coeffs, row_normalize: bool) -> Tensor:
+    """Nesterov momentum (updates buf), optionally MuonEq-R (PR #1285: each row of the update at unit norm),
+    then Newton-Schulz."""
+    buf.mul_(momentum).add_(g)
+    u = g + momentum * buf
+    if row_normalize:
+        u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(u.dtype)
+    return zeropower_via_newtonschulz5(u, steps, coeffs)
 
 
 class ParallelMuon:
@@ -627,10 +777,12 @@ class ParallelMuon:
     asynchronously: every reduce-scatter is in flight at once, and bank i's all-gather overlaps bank i+1's
     Newton-Schulz. With one process the slice is the whole bank and nothing is communicated."""
 
-    def __init__(self, banks: list[nn.Parameter], lr: float, wd: float, backend_steps: int, rank: int, world: int,
+    def __init__(self, banks: list[nn.Parameter], h: Hyperparameters, rank: int, world: int,
                  comm_dtype: torch.dtype = torch.float32):
-        self.banks, self.lr, self.wd, self.steps, self.rank, self.world = banks, lr, wd, backend_steps, rank, world
-        self.base_lr, self.comm_dtype = lr, comm_dtype
+        self.banks, self.lr, self.wd, self.steps, self.rank, self.world = banks, h.MATRIX_LR, h.MUON_WD, \
+            h.MUON_BACKEND_STEPS, rank, world
+        self.coeffs = NS_POLAR_EXPRESS if h.MUON_POLAR_EXPRESS else NS_QUINTIC
+        self.row_normalize, self.base_lr, self.comm_dtype = h.MUON_ROW_NORMALIZE, h.MATRIX_LR, comm_dtype
         self.pad = [(-b.size(0)) % world for b in banks]
         self.shards: list[Tensor] = []
         self.pending: list = []
@@ -662,9 +814,7 @@ class ParallelMuon:
     def step(self, momentum: float, clip_coef: Tensor):
         updates = []
         for b, g, buf in zip(self.banks, self.shards, self.momentum):
-            g = g * clip_coef
-            buf.mul_(momentum).add_(g)
-            u = zeropower_via_newtonschulz5(g + momentum * buf, self.steps)
+            u = muon_direction(g * clip_coef, buf, momentum, self.steps, self.coeffs, self.row_normalize)
             if self.world > 1:
                 u = u.to(self.comm_dtype).contiguous()
                 full = u.new_empty(u.size(0) * self.world, *u.shape[1:])
@@ -706,11 +856,11 @@ class Optimizers:
         self.h, self.world = h, world
         banks, embeds, scalars = split_params(model)
         comm = torch.bfloat16 if banks[0].is_cuda else torch.float32  # fp32 on gloo keeps N ranks == 1 rank exact
-        self.muon = ParallelMuon(banks, h.MATRIX_LR, h.MUON_WD, h.MUON_BACKEND_STEPS, rank, world, comm)
+        self.muon = ParallelMuon(banks, h, rank, world, comm)
         self.adam = torch.optim.AdamW(  # fused: no per-step host read of the step count
-            [{"params": embeds, "lr": h.TIED_EMBED_LR, "base_lr": h.TIED_EMBED_LR},
-             {"params": scalars, "lr": h.SCALAR_LR, "base_lr": h.SCALAR_LR}],
-            betas=(h.BETA1, h.BETA2), eps=h.ADAM_EPS, weight_decay=h.ADAM_WD, fused=True)
+            [{"params": embeds, "lr": h.TIED_EMBED_LR, "base_lr": h.TIED_EMBED_LR, "weight_decay": h.EMBED_WD},
+             {"params": scalars, "lr": h.SCALAR_LR, "base_lr": h.SCALAR_LR, "weight_decay": h.ADAM_WD}],
+            betas=(h.BETA1, h.BETA2), eps=h.ADAM_EPS, fused=True)
         self.small = [p for g in self.adam.param_groups for p in g["params"]]
 
     def step(self, step: int, lr_mult: float):
@@ -861,16 +1011,25 @@ class Clock:
         return self.ms()
 
 
+def training_frac(h: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
+    """How far training is: the wall clock's share of the budget when capped, else step / ITERATIONS."""
+    return elapsed_ms / budget_ms if budget_ms > 0 else step / max(h.ITERATIONS, 1)
+
+
 def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float, budget_ms: float) -> float:
-    """Linear warmdown to zero, keyed to wall clock when capped (window re-estimated from the mean step
-    time), else to ITERATIONS."""
+    """Linear warmdown, floored at MIN_LR. WARMDOWN_FRAC (the frontier's): over that last share of training.
+    WARMDOWN_ITERS (the lineage's): over that many steps, keyed to wall clock when capped (window re-estimated
+    from the mean step time), else to ITERATIONS."""
+    if h.WARMDOWN_FRAC:
+        left = 1 - training_frac(h, step, elapsed_ms, budget_ms)
+        return max(min(1.0, left / h.WARMDOWN_FRAC), h.MIN_LR)
     if h.WARMDOWN_ITERS == 0:
         return 1.0
     if budget_ms <= 0:
-        return min(1.0, max(h.ITERATIONS - step, 0) / h.WARMDOWN_ITERS)
+        return max(min(1.0, max(h.ITERATIONS - step, 0) / h.WARMDOWN_ITERS), h.MIN_LR)
     warmdown_ms = h.WARMDOWN_ITERS * elapsed_ms / max(step, 1)
     remaining = max(budget_ms - elapsed_ms, 0.0)
-    return remaining / warmdown_ms if remaining <= warmdown_ms else 1.0
+    return max(remaining / warmdown_ms if remaining <= warmdown_ms else 1.0, h.MIN_LR)
 
 
 def local_batch_tokens(h: Hyperparameters, ctx: Context) -> int:
@@ -926,16 +1085,20 @@ class WeightAverages:
 
 
 def compile_warmup(model, model_c, loader_fn, h, ctx):
-    """Run WARMUP_STEPS real steps to trigger compilation, then restore weights and optimizer state."""
+    """Run WARMUP_STEPS real steps to trigger compilation (again with the loop on, so the timed run compiles
+    nothing when it switches), then restore weights, optimizer state and the data stream."""
     opt = Optimizers(model, h, ctx.rank, ctx.world)
     if h.WARMUP_STEPS == 0:
         return opt, loader_fn()
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_opt = opt.state()
     loader = loader_fn()
-    for i in range(h.WARMUP_STEPS):
-        train_step(model_c, loader, opt, h, ctx, i, 1.0)
-        ctx.log(f"warmup_step:{i + 1}/{h.WARMUP_STEPS}")
+    for looping, name in ((False, "warmup_step"), (True, "loop_warmup_step"))[:1 + (h.NUM_LOOPS > 0)]:
+        model.looping = looping
+        for i in range(h.WARMUP_STEPS):
+            train_step(model_c, loader, opt, h, ctx, i, 1.0)
+            ctx.log(f"{name}:{i + 1}/{h.WARMUP_STEPS}")
+    model.looping = False
     model.load_state_dict(saved_model)
     opt.load_state(saved_opt)
     return opt, loader_fn()
@@ -962,6 +1125,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
     loader_fn = lambda: DistributedTokenLoader(f"{h.DATA_PATH}/fineweb_train_*.bin", ctx.rank, ctx.world,
                                                ctx.device, h.VOCAB_SIZE, h.SEED)
     opt, loader = compile_warmup(model, model_c, loader_fn, h, ctx)
+    log_compiled_graphs(ctx, "warmup")
     gptq_ms = estimate_gptq_ms(model, h, ctx)
     averages = WeightAverages(model, h)
     budget_ms = 1000 * (h.MAX_WALLCLOCK_SECONDS - h.GPTQ_RESERVE_SECONDS) if h.MAX_WALLCLOCK_SECONDS > 0 else 0.0
@@ -980,7 +1144,12 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
             clock.start()
         if step == stop_at:
             break
-        lr_mult = lr_multiplier(h, step, agreed_ms * step / agreed_step if agreed_step else 0.0, budget_ms)
+        elapsed = agreed_ms * step / agreed_step if agreed_step else 0.0
+        if h.NUM_LOOPS and not model.looping and training_frac(h, step, elapsed, budget_ms) >= h.ENABLE_LOOPING_AT:
+            model.looping = True
+            ctx.log(f"layer_loop:enabled step:{step} frac:{training_frac(h, step, elapsed, budget_ms):.3f} "
+                    f"order:{model.loop_order}")
+        lr_mult = lr_multiplier(h, step, elapsed, budget_ms)
         train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
         step += 1
         averages.update(step, lr_mult, ctx)
@@ -999,6 +1168,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     log_compiled_graphs(ctx, "training")
     averages.apply(ctx)
+    model.looping = h.NUM_LOOPS > 0  # calibration and every evaluation run the looped model
     return model_c, loader, clock, gptq_ms
 
 
@@ -1011,7 +1181,8 @@ BANK_SLOTS = (("attn.c_q", "qo_bank", 0, "attn.qkv"), ("attn.c_k", "kv_bank", 0,
               ("mlp.fc", "mlp_up_bank", 0, "mlp.fc"), ("mlp.proj", "mlp_down_bank", 0, "mlp.proj"))
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "LOGIT_SOFTCAP",
               "ROPE_BASE", "ROPE_DIMS", "LN_SCALE", "QK_GAIN_INIT", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM",
-              "VE_ENABLED", "VE_DIM", "VE_LAYERS")
+              "VE_ENABLED", "VE_DIM", "VE_LAYERS", "SMEAR_GATE", "SPARSE_ATTN_GATE_ENABLED", "SPARSE_ATTN_GATE_SCALE",
+              "SKIP_GATES_ENABLED", "NUM_LOOPS", "LOOP_START", "LOOP_END", "PARALLEL_START_LAYER")
 
 
 def model_config(h: Hyperparameters) -> dict:
@@ -1205,7 +1376,7 @@ def dequantize_state(entries: dict, n_layers: int) -> dict[str, Tensor]:
     return rebank(flat, n_layers)
 
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLF", 2  # 2: config pins the resolved RoPE base
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLF", 3  # 2: config pins the resolved RoPE base; 3: frontier model keys
 CODECS = ("lzma", "zstd", "brotli")
 LAYOUTS = ("row", "col")  # int codes stored row-major, or transposed (columns often compress better)
 
@@ -1609,6 +1780,9 @@ def log_model(model: GPT, h: Hyperparameters, ctx: Context):
     ctx.log(f"rope_base:{h.rope_base:.2f} rope_scaling:{h.ROPE_SCALING} rope_dims:{h.ROPE_DIMS} "
             f"train_seq_len:{h.TRAIN_SEQ_LEN}")
     ctx.log(f"XSA:last_{h.XSA_LAST_N} active_layers:{[b.layer for b in model.blocks if b.use_xsa]}")
+    ctx.log(f"preset:{h.PRESET} smear_gate:{h.SMEAR_GATE} sparse_attn_gate:{h.SPARSE_ATTN_GATE_ENABLED} "
+            f"skip_gates:{h.SKIP_GATES_ENABLED} parallel_start_layer:{h.PARALLEL_START_LAYER} num_loops:{h.NUM_LOOPS} "
+            f"looped_order:{model.loop_order} enable_looping_at:{h.ENABLE_LOOPING_AT}")
     ctx.log(f"world_size:{ctx.world} grad_accum_steps:{ctx.grad_accum}")
     ctx.log(f"attention_mode:gqa num_heads:{h.NUM_HEADS} num_kv_heads:{h.NUM_KV_HEADS}")
     ctx.log(f"tie_embeddings:True embed_lr:{h.TIED_EMBED_LR} head_lr:{h.TIED_EMBED_LR} "
@@ -1649,6 +1823,7 @@ def load_eval_model(path: str, h: Hyperparameters, ctx: Context) -> tuple[GPT, d
     model = build_model(h, ctx)
     state = {k: v.to(ctx.device) for k, v in dequantize_state(entries, h.NUM_LAYERS).items()}
     model.load_state_dict(state, strict=True)
+    model.looping = h.NUM_LOOPS > 0
     model.eval()
     return model, meta
 

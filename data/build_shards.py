@@ -14,8 +14,8 @@ documents of --val-input (all of them, or its first --val-docs). Training is eve
 
 Examples:
   python data/build_shards.py --input text/*.jsonl --tokenizer tok.model --output data/datasets/mine
-  python data/build_shards.py --input corpus/ --tokenizer data/tokenizers/my_4096_bpe.model \
-      --train-tokenizer 4096 --val-docs 1000 --output data/datasets/mine_sp4096
+  python data/build_shards.py --input corpus/ --tokenizer data/tokenizers/my_8192_bpe.model \\
+      --train-tokenizer 8192 --val-docs 1000   # -> data/datasets/fineweb10B_sp8192_sample
 """
 from __future__ import annotations
 
@@ -221,8 +221,32 @@ def check_vocab_size(vocab_size: int) -> None:
         raise BuildError(f"vocab size {vocab_size} is over 65,535, the largest these uint16 shards accept")
 
 
-def train_tokenizer(docs: Iterable[str], model: str | Path, vocab_size: int, max_lines: int = 5_000_000) -> Path:
-    """Train a SentencePiece BPE model with the challenge's settings and write MODEL (+ .vocab)."""
+# The official builder's SentencePiece settings: openai/parameter-golf data/download_hf_docs_and_tokenize.py
+# (build_sentencepiece_tokenizer), which trained the published fineweb_{1024,4096,8192}_bpe models; the
+# published fineweb_1024_bpe.model records exactly these in its trainer_spec. Everything else stays at
+# SentencePiece's defaults, notably max_sentence_length=4192 (bytes): longer documents are left out of
+# training, as they were for the published tokenizers. hard_vocab_limit=False lets SentencePiece stop short
+# of VOCAB on a small text; train_tokenizer() then refuses the result, since VOCAB_SIZE must match exactly.
+SPM_TRAINER_SETTINGS = dict(
+    model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
+    normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+    hard_vocab_limit=False)
+SPM_MAX_SENTENCE_BYTES = 4192  # SentencePiece's default max_sentence_length, kept by the official builder
+TOKENIZER_TRAIN_DOCS = 5_000_000  # the official sp4096/sp8192 specs' tokenizer_train_docs
+
+
+def tokenizer_training_texts(docs: Iterable[str], max_docs: int = TOKENIZER_TRAIN_DOCS) -> Iterator[str]:
+    """The official builder's preparation: the first max_docs documents, whole, NUL -> space, stripped,
+    empty ones dropped (each document is one SentencePiece "sentence")."""
+    for doc in itertools.islice(docs, max_docs):
+        text = doc.replace("\x00", " ").strip()
+        if text:
+            yield text
+
+
+def train_tokenizer(docs: Iterable[str], model: str | Path, vocab_size: int,
+                    max_docs: int = TOKENIZER_TRAIN_DOCS) -> Path:
+    """Train a SentencePiece BPE model with the official builder's settings and write MODEL (+ .vocab)."""
     check_vocab_size(vocab_size)
     model = Path(model)
     if model.suffix != ".model":
@@ -232,22 +256,35 @@ def train_tokenizer(docs: Iterable[str], model: str | Path, vocab_size: int, max
         tmp = Path(tempfile.mkdtemp(prefix=".spm-", dir=model.parent))
     except OSError as e:
         raise BuildError(f"cannot write tokenizer to {model.parent} ({e.strerror or e})") from None
-    # Lines, not whole documents: nmt_nfkc turns newlines into spaces and pieces never cross a space,
-    # so this loses nothing and keeps every sentence under SentencePiece's length limit.
-    lines = (ln for doc in docs for ln in doc.splitlines() if ln.strip())
+    counts = {"used": 0, "long": 0}
+
+    def texts() -> Iterator[str]:
+        for text in tokenizer_training_texts(docs, max_docs):
+            counts["used" if len(text.encode("utf-8")) <= SPM_MAX_SENTENCE_BYTES else "long"] += 1
+            yield text
+
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_prefix=str(tmp / "m"), model_type="bpe", vocab_size=vocab_size,
-            byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
-            pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.9995, max_sentence_length=16384,
-            input_sentence_size=max_lines, shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
-            minloglevel=2)
+        # num_threads only sets the speed: the pieces are the same for any value (the official run used 16)
+        spm.SentencePieceTrainer.train(sentence_iterator=texts(), model_prefix=str(tmp / "m"), vocab_size=vocab_size,
+                                       num_threads=os.cpu_count() or 1, minloglevel=2, **SPM_TRAINER_SETTINGS)
+        got = spm.SentencePieceProcessor(model_file=str(tmp / "m.model")).vocab_size()
+        if got != vocab_size:
+            left_out = (f"; {counts['long']:,} documents over {SPM_MAX_SENTENCE_BYTES:,} UTF-8 bytes were left out"
+                        if counts["long"] else "")
+            raise BuildError(f"tokenizer training failed: the text only supports {got:,} pieces, {vocab_size:,} "
+                             f"were asked for (use more text or a smaller --train-tokenizer{left_out})")
         os.replace(tmp / "m.vocab", model.with_suffix(".vocab"))
         os.replace(tmp / "m.model", model)  # last, so MODEL only appears once complete
     except RuntimeError as e:
+        if counts["used"] == 0 and counts["long"]:
+            raise BuildError(f"tokenizer training failed: all {counts['long']:,} training documents are over "
+                             f"{SPM_MAX_SENTENCE_BYTES:,} UTF-8 bytes, the most SentencePiece trains on") from None
         raise BuildError(f"tokenizer training failed: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if counts["long"]:
+        print(f"note: {counts['long']:,} of {counts['used'] + counts['long']:,} tokenizer training documents are over "
+              f"{SPM_MAX_SENTENCE_BYTES:,} UTF-8 bytes and were left out, as in the official builder", file=sys.stderr)
     return model
 
 
@@ -365,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"validation documents (default {VAL_DOCS:,} from --input; all of --val-input)")
     ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, metavar="N")
     ap.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
-                    help="first train a BPE tokenizer of this size on the training documents, written to MODEL")
+                    help="first train a BPE tokenizer of this size (e.g. 1024, 4096, 8192) on the first "
+                         f"{TOKENIZER_TRAIN_DOCS:,} training documents with the official builder's settings, "
+                         "written to MODEL (+ .vocab)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Download the challenge's published, pre-tokenized FineWeb export from the Hugging Face Hub.
 
-Remote layout (a dataset repo; ROOT defaults to "datasets"):
+Where each export lives (a dataset repo; the flag --repo-id, else MATCHED_FINEWEB_REPO_ID, overrides it):
+  sp1024 (and any variant not listed below)  willdepueoai/parameter-golf  (the challenge's own export)
+  sp4096, sp8192                             kevclark/parameter-golf      (used by the SP4096/SP8192
+                                             records from PR #1394 on; not in the challenge's repo)
+Remote layout, the same in both repos (ROOT defaults to "datasets"):
   ROOT/manifest.json                                   lists datasets, shard counts and tokenizers
   ROOT/datasets/fineweb10B_sp<V>/fineweb_{val,train}_NNNNNN.bin
   ROOT/tokenizers/fineweb_<V>_bpe.{model,vocab}
-Local layout: data/datasets/fineweb10B_sp<V>/, data/tokenizers/, data/datasets/manifest.json.
+Local layout: data/datasets/fineweb10B_sp<V>/, data/tokenizers/, and the manifest of each source at
+data/datasets/manifests/<owner>/<repo>/<ROOT>/manifest.json (kept for offline re-runs).
 
 Every validation shard is fetched, plus the first --train-shards training shards. Files already
 complete are skipped. Each file is downloaded under data/datasets/.staging/ (huggingface_hub resumes
@@ -25,10 +30,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-REPO_ID = os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf")
+OFFICIAL_REPO_ID = "willdepueoai/parameter-golf"
+# Exports that are not in the challenge's repo. kevclark/parameter-golf is the repo the SP4096 records
+# (2026-04-01, 2026-04-04) and every SP8192 record from 2026-04-05 (PR #1394) on download from.
+VARIANT_REPO_IDS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
 REMOTE_ROOT = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")
 DATA_DIR = Path(__file__).resolve().parent
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
+
+
+def repo_id_for(variant: str, override: str | None = None, env=None) -> str:
+    """The dataset repo to use: --repo-id, else MATCHED_FINEWEB_REPO_ID, else the variant's home."""
+    env = os.environ if env is None else env
+    return override or env.get("MATCHED_FINEWEB_REPO_ID") or VARIANT_REPO_IDS.get(variant, OFFICIAL_REPO_ID)
 
 
 class DownloadError(Exception):
@@ -43,7 +57,7 @@ class HubFetcher:
     """The only part that touches the network. fetch() leaves the complete file at
     staging/<remote_path> and returns that path; partial transfers stay in staging to be resumed."""
 
-    def __init__(self, repo_id: str = REPO_ID, revision: str | None = None):
+    def __init__(self, repo_id: str = OFFICIAL_REPO_ID, revision: str | None = None):
         self.repo_id, self.revision = repo_id, revision
 
     def fetch(self, remote_path: str, staging: Path) -> Path:
@@ -59,7 +73,7 @@ class HubFetcher:
                                "files already downloaded are kept and a re-run resumes") from e
         except (RepositoryNotFoundError, EntryNotFoundError) as e:
             raise DownloadError(f"{remote_path} not found in dataset repo {self.repo_id} "
-                                "(check --repo-id / --remote-root)") from e
+                                "(check --repo-id / MATCHED_FINEWEB_REPO_ID and --remote-root)") from e
         except HfHubHTTPError as e:
             raise DownloadError(f"downloading {remote_path} from {self.repo_id} failed: {e}") from e
 
@@ -122,6 +136,9 @@ def plan(manifest: dict, variant: str, train_shards: int) -> list[str]:
     files = [f"datasets/{name}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
     files += [f"datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     files += [tok[k] for k in ("model_path", "vocab_path", "path") if tok.get(k)]
+    for rel in files:  # they become paths under data/: never absolute, never climbing out of it
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel:
+            raise DownloadError(f"the manifest names an unsafe path {rel!r} for {name}")
     return files
 
 
@@ -129,27 +146,44 @@ def local_path(data_dir: Path, rel: str) -> Path:
     return data_dir / rel  # "datasets/..." and "tokenizers/..." map straight onto data/
 
 
+def manifest_cache_path(data_dir: Path, repo_id: str | None, remote_root: str) -> Path:
+    """Where the manifest of one source is kept: one file per repo and root, so that a manifest from
+    one repo (say sp8192's) is never used for another (sp1024's) when re-running offline."""
+    parts = [p for p in f"{repo_id or '_'}/{remote_root or '_'}".split("/") if p not in ("", ".", "..")]
+    return Path(data_dir) / "datasets" / "manifests" / Path(*parts) / "manifest.json"
+
+
 def download(variant: str, train_shards: int, *, fetcher=None, data_dir: Path = DATA_DIR,
              remote_root: str = REMOTE_ROOT, progress: bool = True) -> list[Path]:
-    """Bring the files of `variant` into data_dir; return their local paths."""
+    """Bring the files of `variant` into data_dir; return their local paths. The default fetcher reads
+    the variant's default repo (repo_id_for)."""
     if train_shards < 0:
         raise DownloadError("--train-shards must be >= 0")
-    fetcher = fetcher or HubFetcher()
+    fetcher = fetcher or HubFetcher(repo_id_for(variant))
     data_dir = Path(data_dir)
     staging = data_dir / "datasets" / ".staging"
-    manifest_path = data_dir / "datasets" / "manifest.json"
+    repo_id = getattr(fetcher, "repo_id", None)
+    manifest_path = manifest_cache_path(data_dir, repo_id, remote_root)
+    print(f"source: {repo_id or 'the given fetcher'}, export root {remote_root or '(repo root)'!r}", file=sys.stderr)
     try:
         fetch_verified(fetcher, remote_root, "manifest.json", manifest_path, staging, {})
     except OfflineError:
         if not manifest_path.is_file():
             raise
-        print("warning: offline, using the manifest downloaded earlier", file=sys.stderr)
+        print(f"warning: offline, using the manifest downloaded earlier ({manifest_path})", file=sys.stderr)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DownloadError(f"{manifest_path}: unreadable manifest ({e})") from None
     known = manifest.get("files") or {}  # optional {relative path: {"bytes": N, "sha256": hex}}
-    files = plan(manifest, variant, train_shards)
+    try:
+        files = plan(manifest, variant, train_shards)
+    except DownloadError as e:
+        home = VARIANT_REPO_IDS.get(variant, OFFICIAL_REPO_ID)
+        if repo_id and repo_id != home and "not in the manifest" in str(e):
+            raise DownloadError(f"{e}; {repo_id} does not publish {variant}, {home} does "
+                                "(drop --repo-id / MATCHED_FINEWEB_REPO_ID)") from None
+        raise
     # Files already in place were verified before being renamed there; re-check only their size.
     todo = [rel for rel in files
             if not (local_path(data_dir, rel).is_file()
@@ -162,10 +196,16 @@ def download(variant: str, train_shards: int, *, fetcher=None, data_dir: Path = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", default="sp1024", help="e.g. sp1024: dataset fineweb10B_<variant>")
-    ap.add_argument("--train-shards", type=int, default=80, help="leading training shards of 100M tokens (default 80)")
-    ap.add_argument("--repo-id", default=REPO_ID, help="dataset repo (env MATCHED_FINEWEB_REPO_ID)")
+    head, body = __doc__.split("\n\n", 1)
+    ap = argparse.ArgumentParser(description=head, epilog=body, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="sp1024",
+                    help="sp1024, sp4096 or sp8192 (any sp<V> the manifest lists): dataset fineweb10B_<variant>")
+    ap.add_argument("--train-shards", type=int, default=80,
+                    help="leading training shards of 100M tokens (default 80; the sp8192 records used 128)")
+    homes = ", ".join(f"{v}: {r}" for v, r in VARIANT_REPO_IDS.items())
+    ap.add_argument("--repo-id", default=None,
+                    help="dataset repo (default: env MATCHED_FINEWEB_REPO_ID if set, else by variant: "
+                         f"{homes}, any other variant: {OFFICIAL_REPO_ID})")
     ap.add_argument("--remote-root", default=REMOTE_ROOT,
                     help="export folder in the repo (env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX)")
     ap.add_argument("--revision", help="branch, tag or commit of the repo")
@@ -173,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where datasets/ and tokenizers/ go (default: this folder)")
     args = ap.parse_args(argv)
     try:
-        paths = download(args.variant, args.train_shards, fetcher=HubFetcher(args.repo_id, args.revision),
+        fetcher = HubFetcher(repo_id_for(args.variant, args.repo_id), args.revision)
+        paths = download(args.variant, args.train_shards, fetcher=fetcher,
                          data_dir=args.data_dir, remote_root=args.remote_root.strip("/"))
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)

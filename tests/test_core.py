@@ -190,10 +190,10 @@ def test_smear_gate_mixes_previous_token():
     g = tg.SmearGate(4)
     with torch.no_grad():
         g.gate.copy_(torch.tensor([0.0, 1.0, -2.0, 3.0]))
-    x = torch.randn(2, 6, 4)
-    s = torch.sigmoid(g.gate)
+    raw = torch.randn(2, 6, 4)
+    x, s = tg.rms_norm(raw), torch.sigmoid(g.gate)  # PR #549 smears the normed embedding
     prev = torch.cat([torch.zeros(2, 1, 4), x[:, :-1]], 1)
-    assert torch.allclose(g(x), (1 - s) * x + s * prev, atol=1e-6)
+    assert torch.allclose(g(raw, torch.ones(2, 6, dtype=torch.long)), (1 - s) * x + s * prev, atol=1e-6)
 
 
 def test_bigram_hash_and_reserved_bucket():
@@ -353,6 +353,7 @@ def _train_worker(rank, world, port, env, out):
     h = tg.Hyperparameters(env)
     ctx = tg.Context(h)
     model = tg.build_model(h, ctx)
+    model.looping = h.NUM_LOOPS > 0
     opt = tg.Optimizers(model, h, rank, world)
     loader = tg.DistributedTokenLoader(f"{h.DATA_PATH}/fineweb_train_*.bin", rank, world, "cpu", h.VOCAB_SIZE, h.SEED)
     for step in range(3):
@@ -364,9 +365,12 @@ def _train_worker(rank, world, port, env, out):
         torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_ranks_equal_one_rank_with_accumulation(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stack", ["pr549", "frontier"])
+def test_two_gloo_ranks_equal_one_rank_with_accumulation(tiny_tokenizer, tiny_data, tmp_path, monkeypatch, stack):
+    from test_frontier import FRONTIER  # looped layers, lanes, gates, MuonEq-R, Polar Express
     monkeypatch.chdir(tmp_path)
-    env = tiny_env(tiny_tokenizer, tiny_data, GRAD_CLIP_NORM=0.05)  # small clip: the clip must be global
+    extra = FRONTIER if stack == "frontier" else {}
+    env = tiny_env(tiny_tokenizer, tiny_data, GRAD_CLIP_NORM=0.05, **extra)  # small clip: the clip must be global
     _train_worker(0, 1, 0, env, tmp_path / "one.pt")
     torch.multiprocessing.spawn(_train_worker, args=(2, free_port(), env, tmp_path / "two.pt"), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")

@@ -22,11 +22,15 @@ from conftest import tiny_hparams as hparams
 def compiled_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
     """The whole pipeline on 2 gloo ranks with frozen TTT blocks and uneven splits everywhere (825 sliding
     windows, 207 roundtrip windows, 26 TTT chunks of 8 sequences in batches of 3), compiled (COMPILE=1) and
-    eager (COMPILE=0). The wall-clock cap is on (no stop is reached), so the GPTQ estimate runs too."""
+    eager (COMPILE=0). The wall-clock cap is on (no stop is reached), so the GPTQ estimate runs too. Every
+    model component is on: the PR #549 ones and the frontier's (layer 1 looped from step 0, lanes from
+    layer 2, the BOS SmearGate, sparse attention and skip gates)."""
     out = {}
     for flag in ("1", "0"):
         d = tmp_path_factory.mktemp(f"compile{flag}")
-        env = tiny_env(tiny_tokenizer, tiny_data, COMPILE=flag, TTT_FREEZE_BLOCKS=1, TTT_BATCH_SEQS=3, EVAL_BATCH_SEQS=16,
+        env = tiny_env(tiny_tokenizer, tiny_data, COMPILE=flag, TTT_FREEZE_BLOCKS=1, NUM_LOOPS=1, LOOP_START=1,
+                       LOOP_END=1, ENABLE_LOOPING_AT=0, PARALLEL_START_LAYER=2, SMEAR_GATE="bos",
+                       SPARSE_ATTN_GATE_ENABLED=1, SKIP_GATES_ENABLED=1, MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1, TTT_BATCH_SEQS=3, EVAL_BATCH_SEQS=16,
                        TTT_CHUNK_TOKENS=256, MAX_WALLCLOCK_SECONDS=3600, GPTQ_RESERVE_SECONDS=5, EVAL_BUDGET_SECONDS=10**6,
                        RUN_ID=f"c{flag}")
         r = run_script(d, env, nproc=2, timeout=900)
@@ -36,13 +40,16 @@ def compiled_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_compiled_pipeline_needs_three_graphs_and_matches_eager(compiled_runs):
-    """Train step, eval batch and TTT step: 3 graphs per rank, no graph break, the same numbers as eager."""
+def test_compiled_pipeline_needs_four_graphs_and_matches_eager(compiled_runs):
+    """Train step unlooped and looped (both compiled in the warm-up, none in the timed loop), eval batch and
+    TTT step: 4 graphs per rank, no graph break, the same numbers as eager."""
     log, eager = compiled_runs["1"], compiled_runs["0"]
-    assert re.search(r"^compile:graphs:2 graph_breaks:0 recompile_limit:32 after:training$", log, re.M), log[-3000:]
-    assert re.search(r"^compile:graphs:3 graph_breaks:0 recompile_limit:32 after:evaluation$", log, re.M)
+    assert re.search(r"^compile:graphs:2 graph_breaks:0 recompile_limit:32 after:warmup$", log, re.M), log[-3000:]
+    assert re.search(r"^layer_loop:enabled step:0 ", log, re.M)
+    assert re.search(r"^compile:graphs:3 graph_breaks:0 recompile_limit:32 after:training$", log, re.M)
+    assert re.search(r"^compile:graphs:4 graph_breaks:0 recompile_limit:32 after:evaluation$", log, re.M)
     assert "compile:" not in eager and "ttt:budget_stop" not in log
-    assert re.search(r"^ttt_sliding:params unfrozen=\d+ frozen=7300$", log, re.M)
+    assert re.search(r"^ttt_sliding:params unfrozen=\d+ frozen=7348$", log, re.M)
     assert re.search(r"^gptq_solve_estimate:\d+ms$", log, re.M) and re.search(r"^gptq:done train_time:\d+ms$", log, re.M)
     for name in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
         assert metric(log, name) == pytest.approx(metric(eager, name), rel=1e-5), name
@@ -258,7 +265,7 @@ def _muon_worker(rank, world, port, comm_dtype, out):
 
         setattr(dist, name, spy)
     banks, grads = _muon_problem()
-    muon = tg.ParallelMuon(banks, 0.02, 0.04, 5, rank, world, comm_dtype)
+    muon = tg.ParallelMuon(banks, hparams(), rank, world, comm_dtype)
     for g in grads:
         for b, gb in zip(banks, g[rank]):
             b.grad = gb.clone()
@@ -289,7 +296,7 @@ def test_muon_collectives_are_bf16_async_and_match_one_rank(tmp_path):
         ("all_gather_into_tensor", torch.bfloat16, torch.bfloat16, True)}
     banks, grads = _muon_problem()
     start = [b.detach().clone() for b in banks]
-    muon = tg.ParallelMuon(banks, 0.02, 0.04, 5, 0, 1)
+    muon = tg.ParallelMuon(banks, hparams(), 0, 1)
     for g in grads:
         for b, g0, g1 in zip(banks, g[0], g[1]):
             b.grad = (g0 + g1) / 2

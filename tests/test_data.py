@@ -1,4 +1,4 @@
-"""Tests for data/build_shards.py and data/cached_challenge_fineweb.py (issue 5).
+"""Tests for data/build_shards.py and data/cached_challenge_fineweb.py (issues 5 and 14).
 
 Everything is made here: a small synthetic corpus, a tokenizer trained on it by the tool, and a fake
 Hugging Face Hub for the downloader. Nothing is read from outside the temporary directories.
@@ -111,9 +111,39 @@ def test_vocab_over_uint16_is_refused(corpus, tmp_path):
 
 
 def test_tokenizer_training_failure_is_clear_and_leaves_no_model(tmp_path):
-    with pytest.raises(bs.BuildError, match="tokenizer training failed"):
+    # hard_vocab_limit=False (the official setting) would quietly give 291 pieces: we refuse that
+    with pytest.raises(bs.BuildError, match="tokenizer training failed: the text only supports 291 pieces"):
         bs.train_tokenizer(iter(["tiny text only"]), tmp_path / "t.model", 5000)
+    with pytest.raises(bs.BuildError, match="all 2 training documents are over 4,192 UTF-8 bytes"):
+        bs.train_tokenizer(iter(["x" * 4193, "y" * 5000]), tmp_path / "t.model", 300)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_trainer_settings_are_the_official_ones():
+    """openai/parameter-golf data/download_hf_docs_and_tokenize.py, build_sentencepiece_tokenizer: the
+    settings that trained the published fineweb_{1024,4096,8192}_bpe models (the sp1024 model's
+    trainer_spec records exactly these; everything else is SentencePiece's default)."""
+    assert bs.SPM_TRAINER_SETTINGS == dict(
+        model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
+        normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        hard_vocab_limit=False)
+    assert bs.TOKENIZER_TRAIN_DOCS == 5_000_000 and bs.SPM_MAX_SENTENCE_BYTES == 4192
+    # its text preparation: the first N whole documents, NUL -> space, stripped, empty ones dropped
+    docs = iter([" a\x00b \n", "", "  \n ", "c\nd", "never read"])
+    assert list(bs.tokenizer_training_texts(docs, max_docs=4)) == ["a b", "c\nd"]
+
+
+def test_tokenizer_training_skips_documents_over_4192_bytes(corpus, tmp_path, capsys):
+    """Whole documents are SentencePiece sentences, so one over max_sentence_length (4,192 bytes) is left
+    out of training, as in the official builder: its made-up word never becomes a piece."""
+    long_doc = " ".join(["qzqzqzq"] * 700)  # 5,599 bytes
+    model = bs.train_tokenizer(iter(corpus["docs"] + [long_doc]), tmp_path / "t.model", VOCAB)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert not any("qzq" in sp.id_to_piece(i) for i in range(sp.vocab_size()))
+    assert "1 of 241 tokenizer training documents are over 4,192 UTF-8 bytes" in capsys.readouterr().err
+    short = bs.train_tokenizer(iter(corpus["docs"] + [" ".join(["qzqzqzq"] * 500)]), tmp_path / "s.model", VOCAB)
+    sp = spm.SentencePieceProcessor(model_file=str(short))
+    assert any("qzq" in sp.id_to_piece(i) for i in range(sp.vocab_size()))
 
 
 # ---- shards --------------------------------------------------------------------------------------
@@ -417,6 +447,106 @@ def test_download_bad_requests(tmp_path):
         dl.download("sp64", 1, fetcher=hub, data_dir=tmp_path, remote_root="elsewhere", progress=False)
 
 
+def fake_export(*vocabs: int, n_train: int = 3) -> dict[str, bytes]:
+    """A published export as the official exporter lays it out (manifest fields included), under the
+    root "datasets": what willdepueoai/parameter-golf holds for sp1024, kevclark/parameter-golf for sp8192."""
+    blobs, manifest = {}, {"version": "10B", "num_val_docs": 50000, "shard_size": 10**8, "append_eos": False,
+                           "tokenizers": [], "datasets": []}
+    for vocab in vocabs:
+        rng = np.random.default_rng(vocab)
+        name, tok = f"fineweb10B_sp{vocab}", f"sp_bpe_{vocab}"
+        blobs[f"datasets/{name}/fineweb_val_000000.bin"] = shard_bytes(rng.integers(0, vocab, 400))
+        blobs.update({f"datasets/{name}/fineweb_train_{i:06d}.bin": shard_bytes(rng.integers(0, vocab, 600 + i))
+                      for i in range(n_train)})
+        blobs[f"tokenizers/fineweb_{vocab}_bpe.model"] = b"model %d" % vocab
+        blobs[f"tokenizers/fineweb_{vocab}_bpe.vocab"] = b"vocab %d" % vocab
+        manifest["tokenizers"].append({"name": tok, "kind": "sentencepiece_bpe", "vocab_size": vocab, "bos_id": 1,
+                                       "eos_id": 2, "model_path": f"tokenizers/fineweb_{vocab}_bpe.model",
+                                       "vocab_path": f"tokenizers/fineweb_{vocab}_bpe.vocab"})
+        manifest["datasets"].append({"name": name, "tokenizer_name": tok, "tokenizer_kind": "sentencepiece_bpe",
+                                     "path": f"datasets/{name}", "vocab_size": vocab, "bos_id": 1, "eos_id": 2,
+                                     "stats": {"docs_val": 50000, "files_val": 1, "files_train": n_train}})
+    blobs["manifest.json"] = json.dumps(manifest).encode()
+    return {f"datasets/{k}": v for k, v in blobs.items()}
+
+
+@pytest.fixture
+def hubs(monkeypatch):
+    """The two real repos, faked: main() builds HubFetcher(repo_id, revision), which now picks one."""
+    repos = {"willdepueoai/parameter-golf": FakeHub(fake_export(1024)),
+             "kevclark/parameter-golf": FakeHub(fake_export(4096, 8192))}
+
+    def fetcher(repo_id, revision=None):
+        hub = repos.setdefault(repo_id, FakeHub({}))
+        hub.repo_id = repo_id
+        return hub
+    monkeypatch.setattr(dl, "HubFetcher", fetcher)
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
+    return repos
+
+
+def test_repo_id_depends_on_the_variant_unless_overridden():
+    assert dl.repo_id_for("sp1024", env={}) == dl.repo_id_for("byte260", env={}) == "willdepueoai/parameter-golf"
+    assert dl.repo_id_for("sp8192", env={}) == dl.repo_id_for("sp4096", env={}) == "kevclark/parameter-golf"
+    env = {"MATCHED_FINEWEB_REPO_ID": "me/mine"}
+    assert dl.repo_id_for("sp8192", env=env) == dl.repo_id_for("sp1024", env=env) == "me/mine"
+    assert dl.repo_id_for("sp8192", "flag/wins", env=env) == "flag/wins"
+    assert dl.repo_id_for("sp8192", None, env={"MATCHED_FINEWEB_REPO_ID": ""}) == "kevclark/parameter-golf"
+
+
+def test_download_sp8192_from_its_repo(hubs, tmp_path, capsys):
+    assert dl.main(["--variant", "sp8192", "--train-shards", "2", "--data-dir", str(tmp_path)]) == 0
+    kev = hubs["kevclark/parameter-golf"]
+    wanted = ["datasets/fineweb10B_sp8192/fineweb_val_000000.bin", "datasets/fineweb10B_sp8192/fineweb_train_000000.bin",
+              "datasets/fineweb10B_sp8192/fineweb_train_000001.bin",
+              "tokenizers/fineweb_8192_bpe.model", "tokenizers/fineweb_8192_bpe.vocab"]
+    assert kev.calls == ["datasets/manifest.json"] + [f"datasets/{rel}" for rel in wanted]
+    assert hubs["willdepueoai/parameter-golf"].calls == []
+    for rel in wanted:
+        assert (tmp_path / rel).read_bytes() == kev.files[f"datasets/{rel}"]
+    assert bs.read_shard(tmp_path / wanted[0]).max() < 8192
+    assert not (tmp_path / "datasets/fineweb10B_sp8192/fineweb_train_000002.bin").exists()
+    assert "source: kevclark/parameter-golf" in capsys.readouterr().err
+    # sp4096 comes from the same repo; sp1024 still from the challenge's
+    assert dl.main(["--variant", "sp4096", "--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "tokenizers/fineweb_4096_bpe.model").read_bytes() == b"model 4096"
+    assert dl.main(["--variant", "sp1024", "--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
+    assert hubs["willdepueoai/parameter-golf"].calls[0] == "datasets/manifest.json"
+    assert (tmp_path / "tokenizers/fineweb_1024_bpe.model").read_bytes() == b"model 1024"
+    # each source keeps its own manifest, so offline re-runs of both work
+    for repo in ("kevclark/parameter-golf", "willdepueoai/parameter-golf"):
+        assert json.loads((tmp_path / "datasets/manifests" / repo / "datasets/manifest.json").read_text())
+        hubs[repo].offline = True
+    assert dl.main(["--variant", "sp8192", "--train-shards", "2", "--data-dir", str(tmp_path)]) == 0
+    assert dl.main(["--variant", "sp1024", "--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
+    assert not (tmp_path / "datasets/.staging").exists()
+
+
+def test_download_repo_override_wins(hubs, tmp_path, monkeypatch, capsys):
+    mirror = FakeHub(fake_export(8192, n_train=1))
+    hubs["me/mirror"] = mirror
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "me/mirror")  # the env var beats the variant's repo
+    assert dl.main(["--variant", "sp8192", "--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
+    assert mirror.calls[0] == "datasets/manifest.json" and hubs["kevclark/parameter-golf"].calls == []
+    assert (tmp_path / "datasets/fineweb10B_sp8192/fineweb_train_000000.bin").is_file()
+    mirror.calls.clear()
+    # ... and --repo-id beats the env var: sp8192 is not in the challenge's repo, and the error says where it is
+    assert dl.main(["--variant", "sp8192", "--repo-id", "willdepueoai/parameter-golf",
+                    "--data-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "fineweb10B_sp8192 is not in the manifest (available: fineweb10B_sp1024)" in err
+    assert "kevclark/parameter-golf does" in err and mirror.calls == []
+    assert hubs["willdepueoai/parameter-golf"].calls == ["datasets/manifest.json"]
+
+
+def test_download_refuses_unsafe_manifest_paths():
+    manifest = json.loads(fake_export(8192)["datasets/manifest.json"])
+    for bad in ("../../etc/x.model", "/abs/x.model"):
+        manifest["tokenizers"][0]["model_path"] = bad
+        with pytest.raises(dl.DownloadError, match="unsafe path"):
+            dl.plan(manifest, "sp8192", 1)
+
+
 def test_download_cli_offline_uses_real_hub_client(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
                MATCHED_FINEWEB_REPO_ID="someone/some-repo")
@@ -425,4 +555,9 @@ def test_download_cli_offline_uses_real_hub_client(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "offline" in r.stderr and "someone/some-repo" in r.stderr and "Traceback" not in r.stderr
-    assert not list(tmp_path.rglob("*.bin")) and not (tmp_path / "d/datasets/manifest.json").exists()
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("manifest.json"))
+    # without the env var, sp8192 goes to its own repo (the message names it)
+    env.pop("MATCHED_FINEWEB_REPO_ID")
+    r = subprocess.run([sys.executable, str(DATA / "cached_challenge_fineweb.py"), "--variant", "sp8192",
+                        "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "kevclark/parameter-golf" in r.stderr and "Traceback" not in r.stderr
