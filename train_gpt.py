@@ -1093,11 +1093,11 @@ def compile_warmup(model, model_c, loader_fn, h, ctx):
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_opt = opt.state()
     loader = loader_fn()
-    for looping, name in ((False, "warmup_step"), (True, "loop_warmup_step"))[:1 + (h.NUM_LOOPS > 0)]:
+    for looping in (False, True) if h.NUM_LOOPS else (False,):
         model.looping = looping
         for i in range(h.WARMUP_STEPS):
             train_step(model_c, loader, opt, h, ctx, i, 1.0)
-            ctx.log(f"{name}:{i + 1}/{h.WARMUP_STEPS}")
+            ctx.log(f"{'loop_' if looping else ''}warmup_step:{i + 1}/{h.WARMUP_STEPS}")
     model.looping = False
     model.load_state_dict(saved_model)
     opt.load_state(saved_opt)
@@ -1145,10 +1145,10 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, val_tokens: Tensor
         if step == stop_at:
             break
         elapsed = agreed_ms * step / agreed_step if agreed_step else 0.0
-        if h.NUM_LOOPS and not model.looping and training_frac(h, step, elapsed, budget_ms) >= h.ENABLE_LOOPING_AT:
+        frac = training_frac(h, step, elapsed, budget_ms)
+        if h.NUM_LOOPS and not model.looping and frac >= h.ENABLE_LOOPING_AT:
             model.looping = True
-            ctx.log(f"layer_loop:enabled step:{step} frac:{training_frac(h, step, elapsed, budget_ms):.3f} "
-                    f"order:{model.loop_order}")
+            ctx.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
         lr_mult = lr_multiplier(h, step, elapsed, budget_ms)
         train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
         step += 1

@@ -94,6 +94,12 @@ def tiny_env(tokenizer, data, **over) -> dict:
     return env
 
 
+# The frontier components on the tiny model: 5 layers, layers 1-2 looped twice more, lanes from layer 3.
+FRONTIER = dict(NUM_LAYERS=5, VE_LAYERS="3,4", NUM_LOOPS=2, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3,
+                SMEAR_GATE="bos", SPARSE_ATTN_GATE_ENABLED=1, SPARSE_ATTN_GATE_SCALE=0.5, SKIP_GATES_ENABLED=1,
+                MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1)
+
+
 def tiny_hparams(**over):
     """The tiny configuration as Hyperparameters, for tests that build models without files."""
     import train_gpt as tg

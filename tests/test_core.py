@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import FakeCtx, free_port, make_text, tiny_env, write_shard
+from conftest import FRONTIER, FakeCtx, free_port, make_text, tiny_env, write_shard
 
 
 # ---------------------------------------------------------------- configuration
@@ -367,7 +367,6 @@ def _train_worker(rank, world, port, env, out):
 
 @pytest.mark.parametrize("stack", ["pr549", "frontier"])
 def test_two_gloo_ranks_equal_one_rank_with_accumulation(tiny_tokenizer, tiny_data, tmp_path, monkeypatch, stack):
-    from test_frontier import FRONTIER  # looped layers, lanes, gates, MuonEq-R, Polar Express
     monkeypatch.chdir(tmp_path)
     extra = FRONTIER if stack == "frontier" else {}
     env = tiny_env(tiny_tokenizer, tiny_data, GRAD_CLIP_NORM=0.05, **extra)  # small clip: the clip must be global
