@@ -103,6 +103,14 @@ HPARAMS = [
     ("GPTQ_CALIB_BATCHES", int, 16),
     ("GPTQ_BLOCK_SIZE", int, 128),
     ("GPTQ_DAMP", float, 0.01),
+    ("MATRIX_BITS", int, 6),
+    ("EMBED_BITS", int, 8),
+    ("ATTN_CLIP_SIGMAS", float, 0.0),
+    ("MLP_CLIP_SIGMAS", float, 0.0),
+    ("EMBED_CLIP_SIGMAS", float, 0.0),
+    ("AWQ_LITE_GROUP_TOP_K", int, 0),
+    ("LQER_RANK", int, 0),
+    ("LQER_TOP_K", int, 3),
     ("SIZE_CAP_BYTES", int, 16_000_000),
     ("ARTIFACT_PATH", str, "final_model.int6.ptz"),
     ("EVAL_ARTIFACT", str, ""),
@@ -125,10 +133,11 @@ HPARAMS = [
 # A preset is another record's configuration: one variable selects it, explicit env vars override it.
 PRESETS = {
     "pr549": {},  # the defaults above: 1.1194 bpb
-    # The SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 (1.0611 with CaseOps, LQER and LoRA TTT, which are
-    # not here): MLP 4x, XSA everywhere, QK-gain 5, no BigramHash/VE, BOS-masked SmearGate, sparse attention
+    # The SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 (1.0611 with CaseOps and LoRA TTT, which are not
+    # here): MLP 4x, XSA everywhere, QK-gain 5, no BigramHash/VE, BOS-masked SmearGate, sparse attention
     # gate, gated skips, layers 3-5 looped twice more from 35% of training, two residual lanes from layer 8,
-    # MuonEq-R + Polar Express at momentum 0.97, high weight decay, warmdown over 85% of the clock to 10% LR.
+    # MuonEq-R + Polar Express at momentum 0.97, high weight decay, warmdown over 85% of the clock to 10% LR;
+    # #1855's quantization: SDClip (attn 13, MLP 11.5), int7 GPTQ embedding (k 14), LQER rank 4 on 3 tensors.
     "sp8192": dict(
         DATA_PATH="./data/datasets/fineweb10B_sp8192", TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model",
         VOCAB_SIZE=8192, MLP_MULT=4.0, ROPE_SCALING="none", QK_GAIN_INIT=5.0, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0,
@@ -137,12 +146,13 @@ PRESETS = {
         PARALLEL_START_LAYER=8, ITERATIONS=20000, WARMDOWN_ITERS=0, WARMDOWN_FRAC=0.85, MIN_LR=0.10,
         MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_ROW_NORMALIZE=True,
         MUON_POLAR_EXPRESS=True, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, EMA_DECAY=0.9965,
-        TTT_LR=0.005, VAL_LOSS_EVERY=0),
+        TTT_LR=0.005, VAL_LOSS_EVERY=0, EMBED_BITS=7, ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5,
+        EMBED_CLIP_SIGMAS=14.0, LQER_RANK=4, LQER_TOP_K=3),
 }
 # Env vars with these prefixes must be ours: a typo (TTT_EPOCH=1) fails instead of being ignored.
 OWN_PREFIXES = ("MUON_", "ADAM_", "TTT_", "EMA_", "SWA_", "GPTQ_", "XSA_", "BIGRAM_", "VE_", "ROPE_",
                 "EVAL_", "QAT_", "LATE_QAT", "TRAIN_", "VAL_", "PRESET", "SMEAR_", "SPARSE_", "SKIP_", "LOOP_",
-                "PARALLEL_", "WARMDOWN_", "EMBED_")
+                "PARALLEL_", "WARMDOWN_", "EMBED_", "MATRIX_", "ATTN_", "MLP_", "AWQ_", "LQER_")
 # COMPILE auto: on CUDA only. ROPE_SCALING ntk1024: the base PR #549 trained with (Hyperparameters.update).
 # SMEAR_GATE: static (#549: one learned mix per channel), bos (input-dependent, never across a BOS), off.
 CHOICES = {"TTT_OPTIMIZER": ("sgd", "adamw"), "COMPILE": ("auto", "0", "1"), "ROPE_SCALING": ("ntk1024", "none"),
@@ -210,8 +220,13 @@ class Hyperparameters:
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("ITERATIONS", "WARMUP_STEPS", "WARMDOWN_ITERS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY",
                      "GPTQ_CALIB_BATCHES", "TTT_EPOCHS", "TTT_FREEZE_BLOCKS", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
-                     "NUM_LOOPS", "LOOP_START", "PARALLEL_START_LAYER"):
+                     "NUM_LOOPS", "LOOP_START", "PARALLEL_START_LAYER", "ATTN_CLIP_SIGMAS", "MLP_CLIP_SIGMAS",
+                     "EMBED_CLIP_SIGMAS", "AWQ_LITE_GROUP_TOP_K", "LQER_RANK", "LQER_TOP_K"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("MATRIX_BITS", "EMBED_BITS"):
+            need(2 <= getattr(self, name) <= 8, name, "must be in [2, 8] (codes are stored as int8)")
+        need(self.AWQ_LITE_GROUP_TOP_K == 0 or self.MATRIX_BITS < 8, "AWQ_LITE_GROUP_TOP_K",
+             "promotes column groups to int8: needs MATRIX_BITS < 8")
         need(self.VOCAB_SIZE <= 65535, "VOCAB_SIZE", "shards store uint16 token ids (at most 65,535)")
         need(self.MODEL_DIM % self.NUM_HEADS == 0, "MODEL_DIM", "must be divisible by NUM_HEADS")
         need(self.NUM_HEADS % self.NUM_KV_HEADS == 0, "NUM_HEADS", "must be divisible by NUM_KV_HEADS")
@@ -714,6 +729,7 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Per-token NLL (B, T) in fp32; training takes its mean, evaluation sums the scored positions."""
         h = self.hidden(ids)
+        self.observe("tok_emb", h)  # the tied embedding's GPTQ Hessian comes from its output side
         logits = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
@@ -1193,6 +1209,8 @@ def model_config(h: Hyperparameters) -> dict:
 
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 PASSTHROUGH_MAX = 65_536  # tensors this small (scales, gates, small projections) stay fp16
+AWQ_GROUP = 64  # AWQ-lite promotes 64-column groups
+LQER_GROUP = 64  # LQER's B factor: one scale per 64 values
 
 
 def unbank(state: dict[str, Tensor], n: int) -> dict[str, Tensor]:
@@ -1213,6 +1231,8 @@ def rebank(flat: dict[str, Tensor], n: int) -> dict[str, Tensor]:
 
 
 def hessian_key(weight_name: str) -> str | None:
+    if weight_name == "tok_emb.weight":
+        return "tok_emb"
     for name, _, _, key in BANK_SLOTS:
         if weight_name.endswith(f".{name}.weight"):
             return weight_name[:-len(f"{name}.weight")] + key
@@ -1258,9 +1278,10 @@ def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock
     return hess
 
 
-def _gptq_pass(W: Tensor, Hinv: Tensor, s: Tensor, qmax: int, block: int) -> Tensor:
-    """Column-by-column quantization with error feedback through the inverse-Hessian Cholesky factor.
-    Works on W^T so that each column is a contiguous row (several times faster on CPU)."""
+def _gptq_pass(W: Tensor, Hinv: Tensor, s: Tensor, mult: list, lim: list, block: int) -> Tensor:
+    """Column-by-column quantization with error feedback through the inverse-Hessian Cholesky factor; column
+    c uses step s * mult[c] and codes in [-lim[c], lim[c]] (AWQ-lite's int8 columns). Works on W^T so that
+    each column is a contiguous row (several times faster on CPU)."""
     Wt = W.T.contiguous()
     Qt = torch.zeros_like(Wt)
     cols = Wt.size(0)
@@ -1268,51 +1289,80 @@ def _gptq_pass(W: Tensor, Hinv: Tensor, s: Tensor, qmax: int, block: int) -> Ten
         i2 = min(i1 + block, cols)
         Hi, E = Hinv[i1:i2, i1:i2], torch.zeros_like(Wt[i1:i2])
         for j in range(i2 - i1):
-            w = Wt[i1 + j]
-            q = torch.clamp(torch.round(w / s), -qmax, qmax)
-            Qt[i1 + j] = q
-            E[j] = (w - q * s) / Hi[j, j]
-            Wt[i1 + j + 1:i2] -= Hi[j, j + 1:, None] * E[j][None, :]
+            w, c = Wt[i1 + j], i1 + j
+            sc = s if mult[c] == 1.0 else s * mult[c]
+            q = torch.clamp(torch.round(w / sc), -lim[c], lim[c])
+            Qt[c] = q
+            E[j] = (w - q * sc) / Hi[j, j]
+            Wt[c + 1:i2] -= Hi[j, j + 1:, None] * E[j][None, :]
         Wt[i2:] -= Hinv[i1:i2, i2:].T @ E
     return Qt.T
 
 
-def row_scales(W: Tensor, qmax: int) -> Tensor:
-    """One candidate scale per (quantile, row): shape (len(CLIP_QUANTILES), rows), rounded to fp16."""
-    a = W.abs()
-    clips = torch.stack([a.amax(1) if qt == 1.0 else torch.quantile(a, qt, dim=1) for qt in CLIP_QUANTILES])
-    return (clips / qmax).clamp(2 ** -24, 65504).half().float()  # stays positive and finite in fp16
+def fp16_scale(x: Tensor) -> Tensor:
+    return x.clamp(2 ** -24, 65504).half()  # stays positive and finite in fp16
 
 
-def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128, damp: float = 0.01):
-    """Full GPTQ (act-order, Cholesky inverse, 128-column blocks, damping). Every clip candidate is run
-    (stacked as extra rows: rows are independent given H) and each row keeps the candidate with the
-    lowest Hessian-weighted error (w - q s) H (w - q s)^T. H = None: plain rounding (quantize_rows)."""
+def row_scales(W: Tensor, qmax: int, sigmas: float = 0.0) -> Tensor:
+    """Candidate per-row scales (K, rows), fp16-rounded. SDClip (sigmas > 0, PR #1394): one, clipping each
+    row at sigmas * its std (no search; larger sigmas, lower entropy). Else one per clip quantile."""
+    if sigmas:
+        clips = sigmas * W.std(1, correction=0)[None]
+    else:
+        a = W.abs()
+        clips = torch.stack([a.amax(1) if qt == 1.0 else torch.quantile(a, qt, dim=1) for qt in CLIP_QUANTILES])
+    return fp16_scale(clips / qmax).float()
+
+
+def awq_groups(W: Tensor, H: Tensor, top_k: int) -> Tensor:
+    """AWQ-lite (PR #1908): the top_k 64-column groups by activation RMS x mean |w|, kept at int8."""
+    n = W.size(1) // AWQ_GROUP
+    saliency = H.diagonal().clamp_min(0).sqrt() * W.abs().mean(0)
+    score = saliency[:n * AWQ_GROUP].view(n, AWQ_GROUP).sum(1)
+    return torch.argsort(score, descending=True, stable=True)[:top_k].sort().values.to(torch.int16).cpu()
+
+
+def awq_multiplier(groups: Tensor, cols: int, qmax: int) -> Tensor:
+    """Per-column step multiplier: qmax/127 in the promoted groups (int8 steps under the row's clip), else 1."""
+    m = torch.ones(cols)
+    for g in groups.tolist():
+        m[g * AWQ_GROUP:(g + 1) * AWQ_GROUP] = qmax / 127
+    return m
+
+
+def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128, damp: float = 0.01,
+                  sigmas: float = 0.0, awq_top_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Full GPTQ (act-order, Cholesky inverse, 128-column blocks, damping) -> (codes, row scales, AWQ groups).
+    Every clip candidate is run (stacked as extra rows: rows are independent given H) and each row keeps
+    the one with the lowest Hessian-weighted error (w - q s) H (w - q s)^T. H = None: plain rounding."""
     if H is None:
-        return quantize_rows(W, qmax)
+        return *quantize_rows(W, qmax, sigmas), torch.zeros(0, dtype=torch.int16)
     W, H = W.float(), H.float().clone()
     rows, cols = W.shape
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W = W.masked_fill(dead[None, :], 0.0)
+    groups = awq_groups(W, H, awq_top_k)
     perm = torch.argsort(H.diagonal(), descending=True)
+    mult = awq_multiplier(groups, cols, qmax).to(W.device)[perm]
     Hp = H[perm][:, perm]
     Hd = Hp + damp * Hp.diagonal().mean() * torch.eye(cols, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
-    scales = row_scales(W, qmax)  # (K, rows)
+    scales = row_scales(W, qmax, sigmas)  # (K, rows)
     K = scales.size(0)
     Wp = W[:, perm]
-    Q = _gptq_pass(Wp.repeat(K, 1), Hinv, scales.reshape(-1), qmax, block).view(K, rows, cols)
-    D = Wp[None] - Q * scales[:, :, None]
+    Q = _gptq_pass(Wp.repeat(K, 1), Hinv, scales.reshape(-1), mult.tolist(), (qmax / mult).round().tolist(),
+                   block).view(K, rows, cols)
+    D = Wp[None] - Q * scales[:, :, None] * mult
     q, s = _best_per_row(Q, scales, torch.einsum("krc,cd,krd->kr", D, Hp, D))
-    return q[:, torch.argsort(perm)], s
+    return q[:, torch.argsort(perm)], s, groups
 
 
-def quantize_rows(W: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
-    """Round-to-nearest per row with the clip candidate of least squared error: what GPTQ reduces to
-    when H is the identity. Used for int8 embeddings and for matrices without a Hessian."""
+def quantize_rows(W: Tensor, qmax: int, sigmas: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest per row (with the clip candidate of least squared error): what GPTQ reduces to when H
+    is the identity. Used for int8 embeddings and for matrices without a Hessian."""
     W = W.float()
-    scales = row_scales(W, qmax)
+    scales = row_scales(W, qmax, sigmas)
     Q = torch.clamp(torch.round(W[None] / scales[:, :, None]), -qmax, qmax)
     return _best_per_row(Q, scales, (W[None] - Q * scales[:, :, None]).square().sum(-1))
 
@@ -1323,9 +1373,58 @@ def _best_per_row(Q: Tensor, scales: Tensor, err: Tensor) -> tuple[Tensor, Tenso
     return Q[best, pick].to(torch.int8), scales[best, pick].half()
 
 
+def lqer_factors(E: Tensor, rank: int) -> dict[str, Tensor]:
+    """LQER (PR #1797/#1855): the rank-r SVD of the quantization error E ~ A B, A = U S at int2 (codes -2..1,
+    one scale), B = V^T at int4 (codes -8..7, one scale per 64 values): a few KB per matrix."""
+    U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    r = min(rank, S.numel())
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    sa = fp16_scale(A.abs().amax() / 1.5)
+    Bg = F.pad(B.flatten(), (0, -B.numel() % LQER_GROUP)).view(-1, LQER_GROUP)
+    sb = fp16_scale(Bg.abs().amax(1) / 7.5)
+    qb = torch.clamp(torch.round(Bg / sb.float()[:, None]), -8, 7).flatten()[:B.numel()].view_as(B)
+    return {"lqer_a": torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8), "lqer_a_scale": sa.view(1),
+            "lqer_b": qb.to(torch.int8), "lqer_b_scale": sb}
+
+
+def lqer_product(e: dict) -> Tensor:
+    qb = e["lqer_b"].float()
+    sb = e["lqer_b_scale"].float().repeat_interleave(LQER_GROUP)[:qb.numel()].view_as(qb)
+    return (e["lqer_a"].float() * e["lqer_a_scale"].float()) @ (qb * sb)
+
+
+def column_steps(e: dict) -> Tensor:
+    """An integer entry's per-column step multiplier: AWQ-lite's promoted groups, else ones."""
+    return awq_multiplier(e.get("awq", torch.zeros(0)), e["q"].size(1), 2 ** (int(e["kind"][3:]) - 1) - 1)
+
+
+def dequantize_entry(e: dict) -> Tensor:
+    if e["kind"] == "fp16":
+        return e["data"].float()
+    W = e["q"].float() * e["scale"].float()[:, None] * column_steps(e).to(e["q"].device)
+    return W + lqer_product(e) if "lqer_a" in e else W
+
+
+def quant_spec(name: str, h: Hyperparameters) -> tuple[int, float, int]:
+    """(bits, SDClip sigmas, AWQ-lite groups) of a matrix quantized with a Hessian, by tensor class."""
+    if name == "tok_emb.weight":
+        return h.EMBED_BITS, h.EMBED_CLIP_SIGMAS, 0
+    return h.MATRIX_BITS, h.ATTN_CLIP_SIGMAS if ".attn." in name else h.MLP_CLIP_SIGMAS, h.AWQ_LITE_GROUP_TOP_K
+
+
+def add_lqer(entries: dict, state: dict, rank: int, top_k: int) -> list[str]:
+    """LQER on the top_k Hessian-quantized matrices by quantization error norm (as PR #1855 picks them)."""
+    norm = {n: (state[n] - dequantize_entry(e)).norm().item() for n, e in entries.items() if "cost" in e}
+    top = sorted(norm, key=lambda n: (-norm[n], n))[:top_k]
+    for n in top:
+        entries[n].update(lqer_factors(state[n] - dequantize_entry(entries[n]), rank))
+    return top
+
+
 def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, ctx: Context, log: bool = True):
-    """Routes every tensor: bank matrices -> GPTQ int6; other large matrices -> int8 rows; rest -> fp16.
-    Matrices sharing an input (c_q, c_k, c_v) share one GPTQ pass: rows are independent given H."""
+    """Routes every tensor: bank matrices and the tied embedding -> GPTQ at MATRIX_BITS / EMBED_BITS (+ AWQ-lite,
+    LQER); other large matrices -> int8 rows; the rest -> fp16. Matrices sharing an input (c_q, c_k, c_v)
+    share one GPTQ pass: rows are independent given H."""
     t0 = time.perf_counter()
     state = unbank({k: v.detach().float() for k, v in model.state_dict().items()}, h.NUM_LAYERS)
     entries, groups = {}, {}
@@ -1339,16 +1438,20 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
         else:
             entries[name] = {"kind": "fp16", "data": W.half()}
     for key, names in groups.items():
-        H, W = hessians.get(key), torch.cat([state[n] for n in names])
-        q, s = gptq_quantize(W, H, 31, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
+        (bits, sigmas, awq), H, W = quant_spec(names[0], h), hessians.get(key), torch.cat([state[n] for n in names])
+        q, s, awq = gptq_quantize(W, H, 2 ** (bits - 1) - 1, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP, sigmas, awq)
         cost = H.diagonal() if H is not None else torch.ones(W.size(1), device=W.device)
         sizes = [state[n].size(0) for n in names]
         for n, qn, sn in zip(names, q.split(sizes), s.split(sizes)):
-            entries[n] = {"kind": "int6", "q": qn.contiguous(), "scale": sn.contiguous(), "cost": cost}
+            entries[n] = {"kind": f"int{bits}", "q": qn.contiguous(), "scale": sn.contiguous(), "cost": cost}
+            if awq.numel():
+                entries[n]["awq"] = awq
+    lqer = add_lqer(entries, state, h.LQER_RANK, h.LQER_TOP_K) if h.LQER_RANK else []
     ctx.sync()
     n_gptq = sum(len(v) for k, v in groups.items() if k in hessians)
     if log:
-        ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors in {time.perf_counter() - t0:.1f}s")
+        ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors in "
+                f"{time.perf_counter() - t0:.1f}s lqer:{lqer}")
     return entries
 
 
@@ -1370,15 +1473,19 @@ def estimate_gptq_ms(model: GPT, h: Hyperparameters, ctx: Context) -> float:
 
 
 def dequantize_state(entries: dict, n_layers: int) -> dict[str, Tensor]:
-    flat = {}
-    for name, e in entries.items():
-        flat[name] = e["data"].float() if e["kind"] == "fp16" else e["q"].float() * e["scale"].float()[:, None]
-    return rebank(flat, n_layers)
+    return rebank({name: dequantize_entry(e) for name, e in entries.items()}, n_layers)
 
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLF", 3  # 2: config pins the resolved RoPE base; 3: frontier model keys
+# Artifact: magic, version, header length and CRC-32, the lzma-compressed JSON header, then one compressed
+# stream per group. Each group keeps the codec and byte transform that made it smallest, with the CRC-32 of
+# its raw bytes. No pickle: loading never executes code.
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLF", 4  # 3: frontier model keys; 4: per-group streams, AWQ/LQER fields
 CODECS = ("lzma", "zstd", "brotli")
-LAYOUTS = ("row", "col")  # int codes stored row-major, or transposed (columns often compress better)
+DTYPES = {"torch.int8": torch.int8, "torch.int16": torch.int16, "torch.float16": torch.float16}
+# 1-byte codes as stored or transposed (columns often compress better); 2-byte values as stored or split
+# into a low-byte and a high-byte plane ("byte shuffle": the high bytes of similar values repeat).
+TRANSFORMS = {1: ("row", "col"), 2: ("raw", "shuffle")}
+NOT_STORED = ("kind", "cost")  # an entry's other fields are its tensors
 
 
 def _codec(name: str):
@@ -1403,84 +1510,108 @@ def available_codecs() -> list[str]:
     return out
 
 
-def serialize(entries: dict, config: dict, meta: dict, layout: str) -> bytes:
-    """Payload: u32 header length, JSON header, then all integer codes, all scales, all fp16 tensors
-    (grouping like bytes helps the compressor). No pickle: loading never executes code."""
-    names = sorted(entries)
-    header = {"config": config, "meta": meta, "layout": layout,
-              "tensors": [[n, entries[n]["kind"], list((entries[n].get("q", entries[n].get("data"))).shape)]
-                          for n in names]}
-    codes, scales, raw = [], [], []
-    for n in names:
-        e = entries[n]
-        if e["kind"] == "fp16":
-            raw.append(e["data"].cpu().contiguous().numpy().tobytes())
-            continue
-        q = e["q"].T if layout == "col" else e["q"]
-        codes.append(q.cpu().contiguous().numpy().tobytes())
-        scales.append(e["scale"].cpu().contiguous().numpy().tobytes())
-    hjson = json.dumps(header, separators=(",", ":")).encode()
-    return struct.pack("<I", len(hjson)) + hjson + b"".join(codes + scales + raw)
+def tensor_group(name: str, field: str, t: Tensor) -> str:
+    """Integer codes by tensor class (their statistics differ), LQER codes, scales, fp16 weights."""
+    if field == "q":
+        return "q." + ("embed" if name == "tok_emb.weight" else "attn" if ".attn." in name
+                       else "mlp" if ".mlp." in name else "other")
+    return "lqer" if t.dtype == torch.int8 else "fp16" if field == "data" else "scales"
 
 
-def deserialize(payload: bytes) -> tuple[dict, dict, dict]:
-    hlen = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else len(payload)
-    if 4 + hlen > len(payload):
-        raise ValueError("artifact payload is shorter than its header length says (corrupt)")
-    try:
-        header = json.loads(payload[4:4 + hlen])
-    except ValueError as e:
-        raise ValueError(f"artifact header is not valid JSON ({e}) (corrupt)") from None
-    pos, entries, layout = 4 + hlen, {}, header["layout"]
+def group_tensors(entries: dict) -> dict[str, list[tuple[str, str, Tensor]]]:
+    groups = {}
+    for name in sorted(entries):
+        for field, t in sorted(entries[name].items()):
+            if field not in NOT_STORED:
+                groups.setdefault(tensor_group(name, field, t), []).append((name, field, t))
+    return dict(sorted(groups.items()))
 
-    def take(nbytes, dtype, shape):
-        nonlocal pos
-        if pos + nbytes > len(payload):
-            raise ValueError("artifact payload is shorter than its header says (corrupt)")
-        raw = bytearray(payload[pos:pos + nbytes])
-        t = (torch.frombuffer(raw, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)).reshape(shape)
-        pos += nbytes
-        return t
 
-    ints = [(n, k, s) for n, k, s in header["tensors"] if k != "fp16"]
-    for n, k, (r, c) in ints:
-        q = take(r * c, torch.int8, (c, r) if layout == "col" else (r, c))
-        entries[n] = {"kind": k, "q": q.T.contiguous() if layout == "col" else q}
-    for n, k, (r, c) in ints:
-        entries[n]["scale"] = take(2 * r, torch.float16, (r,))
-    for n, k, shape in header["tensors"]:
-        if k == "fp16":
-            entries[n] = {"kind": k, "data": take(2 * math.prod(shape), torch.float16, shape)}
-    if pos != len(payload):
-        raise ValueError(f"artifact payload has {len(payload) - pos} trailing bytes (corrupt)")
+def encode_group(items: list, transform: str) -> bytes:
+    raw = b"".join((t.T if transform == "col" and t.dim() == 2 else t).cpu().contiguous().numpy().tobytes()
+                   for _, _, t in items)
+    return np.frombuffer(raw, np.uint8).reshape(-1, 2).T.tobytes() if transform == "shuffle" else raw
+
+
+def decode_group(raw: bytes, specs: list, transform: str) -> list[Tensor]:
+    if transform == "shuffle":
+        raw = np.frombuffer(raw, np.uint8).reshape(2, -1).T.tobytes()
+    out, pos = [], 0
+    for _, _, dtype, shape in specs:
+        dt = DTYPES[dtype]
+        n = math.prod(shape) * dt.itemsize
+        t = torch.frombuffer(bytearray(raw[pos:pos + n]), dtype=dt) if n else torch.empty(0, dtype=dt)
+        col = transform == "col" and len(shape) == 2
+        out.append(t.reshape(shape[::-1]).T.contiguous() if col else t.reshape(shape))
+        pos += n
+    return out
+
+
+def pack(entries: dict, config: dict, meta: dict, plan: dict | None = None) -> tuple[bytes, dict]:
+    """The artifact and its per-group report {group: codec, transform, bytes, values}. Without a plan, every
+    group is compressed with every codec and transform (in threads) and keeps the smallest; with one (a
+    previous report), each group uses the codec and transform it names."""
+    groups = group_tensors(entries)
+    if plan is None:
+        jobs = [(g, c, tr) for g, items in groups.items() for tr in TRANSFORMS[items[0][2].element_size()]
+                for c in available_codecs()]
+    else:
+        jobs = [(g, plan[g]["codec"], plan[g]["transform"]) for g in groups]
+    raws = {(g, tr): encode_group(groups[g], tr) for g, _, tr in jobs}
+    with ThreadPoolExecutor(min(len(jobs), 16) or 1) as ex:
+        streams = list(ex.map(lambda j: _codec(j[1])[0](raws[j[0], j[2]]), jobs))
+    best = {}
+    for (g, c, tr), s in zip(jobs, streams):
+        if g not in best or len(s) < len(best[g][2]):
+            best[g] = (c, tr, s)
+    header = {"config": config, "meta": meta, "kinds": {n: e["kind"] for n, e in sorted(entries.items())},
+              "groups": [[g, c, tr, [[n, f, str(t.dtype), list(t.shape)] for n, f, t in groups[g]],
+                          len(raws[g, tr]), zlib.crc32(raws[g, tr]), len(s)] for g, (c, tr, s) in best.items()]}
+    hz = lzma.compress(json.dumps(header, separators=(",", ":")).encode())
+    blob = ARTIFACT_MAGIC + struct.pack("<BII", ARTIFACT_VERSION, len(hz), zlib.crc32(hz)) + hz \
+        + b"".join(s for _, _, s in best.values())
+    report = {g: {"codec": c, "transform": tr, "bytes": len(s), "values": sum(t.numel() for _, _, t in groups[g])}
+              for g, (c, tr, s) in best.items()}
+    return blob, report
+
+
+def unpack(blob: bytes, source: str = "artifact") -> tuple[dict, dict, dict]:
+    """(config, meta, entries) from an artifact; anything corrupt or truncated is refused naming the part."""
+    n = len(ARTIFACT_MAGIC)
+    if len(blob) < n + 9 or blob[:n] != ARTIFACT_MAGIC:
+        raise ValueError(f"{source}: not a model artifact (bad magic or truncated header)")
+    version, hlen, hcrc = struct.unpack_from("<BII", blob, n)
+    if version != ARTIFACT_VERSION:
+        raise ValueError(f"{source}: artifact version {version}, this script reads version {ARTIFACT_VERSION}")
+    pos = n + 9 + hlen
+    if pos > len(blob) or zlib.crc32(blob[n + 9:pos]) != hcrc:
+        raise ValueError(f"{source}: artifact header is truncated or corrupt (checksum mismatch)")
+    header = json.loads(lzma.decompress(blob[n + 9:pos]))
+    entries = {name: {"kind": kind} for name, kind in header["kinds"].items()}
+    for g, codec, transform, specs, raw_len, crc, length in header["groups"]:
+        if codec not in CODECS:
+            raise ValueError(f"{source}: group {g}: unknown codec {codec!r}")
+        if pos + length > len(blob):
+            raise ValueError(f"{source}: group {g} is truncated ({len(blob) - pos} of {length} bytes)")
+        try:
+            raw = _codec(codec)[1](blob[pos:pos + length])
+        except ImportError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{source}: group {g} ({codec}) does not decompress ({e}): corrupt") from None
+        if len(raw) != raw_len or zlib.crc32(raw) != crc:
+            raise ValueError(f"{source}: group {g}: checksum mismatch: corrupt artifact")
+        for (name, field, _, _), t in zip(specs, decode_group(raw, specs, transform)):
+            entries[name][field] = t
+        pos += length
+    if pos != len(blob):
+        raise ValueError(f"{source}: {len(blob) - pos} trailing bytes after the last group (corrupt)")
     return header["config"], header["meta"], entries
-
-
-def pack(payload: bytes, codec: str) -> bytes:
-    head = ARTIFACT_MAGIC + struct.pack("<BBI", ARTIFACT_VERSION, CODECS.index(codec), zlib.crc32(payload))
-    return head + _codec(codec)[0](payload)
 
 
 def read_artifact(path: str) -> tuple[dict, dict, dict]:
     with open(path, "rb") as f:
-        blob = f.read()
-    n = len(ARTIFACT_MAGIC)
-    if len(blob) < n + 6 or blob[:n] != ARTIFACT_MAGIC:
-        raise ValueError(f"{path}: not a model artifact (bad magic or truncated header)")
-    version, codec_id, crc = struct.unpack_from("<BBI", blob, n)
-    if version != ARTIFACT_VERSION:
-        raise ValueError(f"{path}: artifact version {version}, this script reads version {ARTIFACT_VERSION}")
-    if codec_id >= len(CODECS):
-        raise ValueError(f"{path}: unknown codec id {codec_id}")
-    try:
-        payload = _codec(CODECS[codec_id])[1](blob[n + 6:])
-    except ImportError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: {CODECS[codec_id]} payload does not decompress ({e}): corrupt or truncated") from None
-    if zlib.crc32(payload) != crc:
-        raise ValueError(f"{path}: checksum mismatch: corrupt artifact")
-    return deserialize(payload)
+        return unpack(f.read(), path)
 
 
 def write_atomic(path: str, data: bytes):
@@ -1497,30 +1628,19 @@ def write_atomic(path: str, data: bytes):
             os.remove(tmp)
 
 
-def compress_best(entries, config, meta, ctx, layouts=LAYOUTS, codecs=None) -> tuple[bytes, str, str]:
-    """Measures every (codec, layout) pair in parallel threads and keeps the smallest."""
-    codecs = codecs or available_codecs()
-    payloads = {lay: serialize(entries, config, meta, lay) for lay in layouts}
-    jobs = [(c, lay) for lay in layouts for c in codecs]
-    with ThreadPoolExecutor(len(jobs)) as ex:
-        blobs = list(ex.map(lambda j: pack(payloads[j[1]], j[0]), jobs))
-    sizes = sorted((len(b), c, lay, b) for (c, lay), b in zip(jobs, blobs))
-    ctx.log("compression: " + " ".join(f"{c}/{lay}={n}" for n, c, lay, _ in sizes))
-    n, c, lay, blob = sizes[0]
-    return blob, c, lay
-
-
 def prune_order(entries: dict) -> list[tuple[str, Tensor]]:
-    """All +-1 int6 codes, cheapest first: cost = scale_row^2 * H_jj (the Hessian-weighted loss of zeroing)."""
+    """All +-1 codes of Hessian-quantized matrices, cheapest first: cost = step^2 * H_jj (the Hessian-weighted
+    loss of zeroing; the step is the row's scale, times the AWQ multiplier in promoted columns)."""
     names, idx, costs = [], [], []
     for name in sorted(entries):
         e = entries[name]
-        if e["kind"] != "int6":
+        if "cost" not in e:
             continue
-        nz = (e["q"].abs() == 1).nonzero()
+        col = e["cost"].cpu() * column_steps(e).square()
+        nz = (e["q"].abs() == 1).nonzero().cpu()
         names += [name] * len(nz)
         idx.append(nz)
-        costs.append(e["scale"].float()[nz[:, 0]].square() * e["cost"][nz[:, 1]])
+        costs.append(e["scale"].float().cpu()[nz[:, 0]].square() * col[nz[:, 1]])
     if not idx:
         return []
     order = torch.argsort(torch.cat(costs), stable=True).tolist()
@@ -1535,15 +1655,32 @@ def pruned(entries: dict, order: list, k: int) -> dict:
     return out
 
 
+def log_packing(report: dict, blob: bytes, ctx: Context):
+    ctx.log("compression: " + " ".join(f"{g}={r['codec']}/{r['transform']}:{r['bytes']}" for g, r in report.items())
+            + f" header:{len(blob) - sum(r['bytes'] for r in report.values())}")
+
+
+def log_headroom(report: dict, left: int, config: dict, ctx: Context):
+    """What the bytes under the cap would buy, at the measured bits per attention/MLP weight."""
+    groups = [report[g] for g in ("q.attn", "q.mlp") if g in report]
+    bits = 8 * sum(r["bytes"] for r in groups) / max(sum(r["values"] for r in groups), 1)
+    weights = int(8 * left / bits) if bits else 0
+    units = weights // (2 * config["MODEL_DIM"] * config["NUM_LAYERS"])
+    ctx.log(f"size_fit: {left} bytes under the cap: at {bits:.3f} bits per matrix weight that is ~{weights} more "
+            f"weights, e.g. {units} more MLP hidden units per layer (MLP_MULT +{units / config['MODEL_DIM']:.2f})")
+
+
 def fit_artifact(entries, config, meta, code_bytes, cap, ctx) -> bytes:
-    """Best compression; if code + artifact exceeds the cap, zero the cheapest +-1 codes (deterministic,
-    logged) until it fits, or stop with an error saying by how much it is over."""
-    blob, codec, layout = compress_best(entries, config, meta, ctx)
+    """Best per-group compression; under the cap, says what the spare bytes would buy. Over it, zeroes the
+    cheapest +-1 codes (deterministic, logged, same codecs) until it fits, or stops saying by how much."""
+    blob, report = pack(entries, config, meta)
+    log_packing(report, blob, ctx)
     if code_bytes + len(blob) <= cap:
+        log_headroom(report, cap - code_bytes - len(blob), config, ctx)
         return blob
     over = code_bytes + len(blob) - cap
     order = prune_order(entries)
-    size_of = lambda k: len(pack(serialize(pruned(entries, order, k), config, meta, layout), codec))
+    size_of = lambda k: len(pack(pruned(entries, order, k), config, meta, report)[0])
     full = size_of(len(order))
     ctx.log(f"size_fit: over by {over} bytes; {len(order)} +-1 candidates; pruning all gives {full} bytes")
     if code_bytes + full > cap:
@@ -1554,7 +1691,7 @@ def fit_artifact(entries, config, meta, code_bytes, cap, ctx) -> bytes:
     while code_bytes + size_of(k) > cap:
         k = min(len(order), math.ceil(k * 1.5) + 1)
     ctx.log(f"size_fit: pruned {k}/{len(order)} +-1 codes ({100 * k / max(len(order), 1):.2f}%)")
-    return pack(serialize(pruned(entries, order, k), config, meta, layout), codec)
+    return pack(pruned(entries, order, k), config, meta, report)[0]
 
 
 def code_size() -> int:
@@ -1566,14 +1703,13 @@ def pack_artifact(entries: dict | None, h: Hyperparameters, ctx: Context, meta: 
     """Rank 0 fits the quantized entries under the cap and writes the artifact atomically; every rank then
     waits for the file. Reads no data: compression runs after the training clock (frontier.md §3.3)."""
     if ctx.master:
-        config = model_config(h)
         code_bytes = code_size()
-        blob = fit_artifact(entries, config, meta, code_bytes, h.SIZE_CAP_BYTES, ctx)
+        blob = fit_artifact(entries, model_config(h), meta, code_bytes, h.SIZE_CAP_BYTES, ctx)
         write_atomic(h.ARTIFACT_PATH, blob)
-        codec = CODECS[blob[len(ARTIFACT_MAGIC) + 1]]
-        ctx.log(f"Serialized model int6+{codec}: {len(blob)} bytes")
+        label = f"int{h.MATRIX_BITS}+pergroup"
+        ctx.log(f"Serialized model {label}: {len(blob)} bytes")
         ctx.log(f"Code size: {code_bytes} bytes")
-        ctx.log(f"Total submission size int6+{codec}: {code_bytes + len(blob)} bytes")
+        ctx.log(f"Total submission size {label}: {code_bytes + len(blob)} bytes")
     ctx.barrier()
     return h.ARTIFACT_PATH
 

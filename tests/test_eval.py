@@ -271,7 +271,7 @@ def rank_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
     h = tg.Hyperparameters(env)
     entries = tg.quantize_state(random_model(h), {}, h, Ctx())
     art = d / "model.ptz"
-    tg.write_atomic(str(art), tg.pack(tg.serialize(entries, {k: getattr(h, k) for k in tg.MODEL_KEYS}, {}, "row"), "lzma"))
+    tg.write_atomic(str(art), tg.pack(entries, tg.model_config(h), {})[0])
     out = {}
     for nproc in (1, 2):
         run = d / f"np{nproc}"

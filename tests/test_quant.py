@@ -1,16 +1,18 @@
-"""Quantize/pack: GPTQ int6 and int8 rows, the lossless artifact format, byte-capped fitting, calibration."""
+"""Quantize/pack: GPTQ at MATRIX_BITS / EMBED_BITS (clip search or SDClip, AWQ-lite, LQER), int8 rows, the
+per-group artifact container (version 4), byte-capped fitting, calibration."""
 import copy
+import json
+import lzma
 import os
 import re
 import struct
+import zlib
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, FakeCtx as Ctx, random_model, run_script, tiny_env
-
-
+from conftest import ROOT, FakeCtx as Ctx, random_model, run_script, tiny_env, tiny_hparams
 
 
 class RandomLoader:
@@ -37,112 +39,302 @@ class FakeClock:
     synced_ms = ms
 
 
+# The tiny model with MLP hidden 128 (mlp.proj has two 64-column AWQ groups) and a BigramHash table of
+# 1040 x 64 > PASSTHROUGH_MAX values: the int8-rows path without a Hessian (group q.other).
+SHAPE = dict(MLP_MULT=4, BIGRAM_VOCAB_SIZE=1040, BIGRAM_DIM=64)
+SDCLIP = dict(ATTN_CLIP_SIGMAS=2.5, MLP_CLIP_SIGMAS=3.0, EMBED_CLIP_SIGMAS=3.5)
+SCHEMES = {
+    "seed": {},
+    "sdclip": SDCLIP,
+    "embed_int7": dict(EMBED_BITS=7),
+    "matrix_int5": dict(MATRIX_BITS=5),
+    "awq": dict(AWQ_LITE_GROUP_TOP_K=1),
+    "lqer": dict(LQER_RANK=4, LQER_TOP_K=3),
+    "all": SDCLIP | dict(EMBED_BITS=7, MATRIX_BITS=5, AWQ_LITE_GROUP_TOP_K=1, LQER_RANK=4, LQER_TOP_K=3),
+}
+META = {"prequant_val_bpb": 1.234567891234, "seed": 7}
+NOT_STORED = ("kind", "cost")
+FIXED = len(tg.ARTIFACT_MAGIC) + 9  # magic, version u8, header length u32, header CRC-32 u32
+
+
 def hparams(**over) -> tg.Hyperparameters:
-    # VOCAB_SIZE 4096 x MODEL_DIM 32 > PASSTHROUGH_MAX, so the tied embedding takes the int8 path.
-    return tg.Hyperparameters(tiny_env("unused.model", "unused", **{"VOCAB_SIZE": 4096, **over}))
+    return tg.Hyperparameters(tiny_env("unused.model", "unused", **{**SHAPE, **over}))
 
 
 def config_of(h):
     return tg.model_config(h)
 
 
-@pytest.fixture(scope="module")
-def quantized():
-    """(h, model, hessians, entries) for a 3-layer model calibrated on random tokens."""
-    h = hparams(GPTQ_CALIB_BATCHES=2)
-    model = random_model(h, noise=0.05)
-    ctx = Ctx()
-    clock = tg.Clock(ctx)
-    clock.start()
-    hess = tg.collect_hessians(model, RandomLoader(h.VOCAB_SIZE), h, ctx, clock)
-    entries = tg.quantize_state(model, hess, h, ctx)
-    return h, model, hess, entries
+def qmax_of(kind: str) -> int:
+    return 2 ** (int(kind[3:]) - 1) - 1
 
 
-def assert_entries_identical(a: dict, b: dict):
+def hess_key(name: str) -> str | None:
+    """Which Hessian a matrix is quantized with (written out here, independently of tg.hessian_key)."""
+    if name == "tok_emb.weight":
+        return "tok_emb"
+    m = re.fullmatch(r"(blocks\.\d+)\.(attn\.c_[qkv]|attn\.proj|mlp\.fc|mlp\.proj)\.weight", name)
+    if m is None:
+        return None
+    return f"{m[1]}.{'attn.qkv' if m[2].startswith('attn.c_') else m[2]}"
+
+
+def step_multiplier(e: dict, cols: int) -> torch.Tensor:
+    """AWQ-lite: promoted 64-column groups step at qmax/127 of the row scale."""
+    m = torch.ones(cols)
+    for g in e.get("awq", torch.zeros(0, dtype=torch.int16)).tolist():
+        m[64 * g:64 * (g + 1)] = qmax_of(e["kind"]) / 127
+    return m
+
+
+def base_dequant(e: dict) -> torch.Tensor:
+    """q * scale * AWQ multiplier, without LQER."""
+    return e["q"].float() * e["scale"].float()[:, None] * step_multiplier(e, e["q"].size(1))[None, :]
+
+
+def lqer_dequant(e: dict) -> torch.Tensor:
+    """(qa * sa) @ (qb * sb), one B scale per 64 values of the flattened B (written out here)."""
+    qb = e["lqer_b"].float().flatten()
+    sb = torch.stack([e["lqer_b_scale"].float()[i // 64] for i in range(qb.numel())])
+    return (e["lqer_a"].float() * e["lqer_a_scale"].float()) @ (qb * sb).view_as(e["lqer_b"])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.float16 else t
+
+
+def stored(e: dict) -> dict:
+    return {f: t for f, t in e.items() if f not in NOT_STORED}
+
+
+def assert_entries_identical(a: dict, b: dict, with_cost: bool = False):
+    """Same names, kinds, fields; every stored tensor with the same dtype, shape and bits."""
     assert sorted(a) == sorted(b)
     for name in a:
         ea, eb = a[name], b[name]
         assert ea["kind"] == eb["kind"], name
-        if ea["kind"] == "fp16":
-            assert eb["data"].dtype == torch.float16 and eb["data"].shape == ea["data"].shape, name
-            assert torch.equal(ea["data"].view(torch.int16), eb["data"].view(torch.int16)), name  # bitwise
-        else:
-            assert eb["q"].dtype == torch.int8 and eb["q"].shape == ea["q"].shape, name
-            assert eb["scale"].dtype == torch.float16 and eb["scale"].shape == ea["scale"].shape, name
-            assert torch.equal(ea["q"], eb["q"]), name
-            assert torch.equal(ea["scale"].view(torch.int16), eb["scale"].view(torch.int16)), name
+        fa, fb = (ea, eb) if with_cost else (stored(ea), stored(eb))
+        fa, fb = {f: t for f, t in fa.items() if f != "kind"}, {f: t for f, t in fb.items() if f != "kind"}
+        assert sorted(fa) == sorted(fb), name
+        for f in fa:
+            x, y = fa[f], fb[f]
+            assert (x.dtype, tuple(x.shape)) == (y.dtype, tuple(y.shape)), (name, f, x.dtype, y.dtype, x.shape, y.shape)
+            assert torch.equal(bits(x), bits(y)), (name, f)
+
+
+# ---------------------------------------------------------------- shared fixtures
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """(h, model, hessians, flat fp32 state) for a 3-layer model calibrated on random tokens."""
+    h = hparams(GPTQ_CALIB_BATCHES=2)
+    model = random_model(h, noise=0.05)
+    with torch.no_grad():  # as after training: hashed buckets that no bigram reached stay at their zero init
+        model.bigram.embed.weight[64:] = 0
+    ctx = Ctx()
+    clock = tg.Clock(ctx)
+    clock.start()
+    hess = tg.collect_hessians(model, RandomLoader(h.VOCAB_SIZE), h, ctx, clock)
+    state = tg.unbank({k: v.detach().float() for k, v in model.state_dict().items()}, h.NUM_LAYERS)
+    return h, model, hess, state
 
 
 @pytest.fixture(scope="module")
-def fit_entries(quantized):
-    """The int6 block matrices, small fp16 tensors and one small int8 matrix: quick to compress many times."""
-    h, _, hess, entries = quantized
-    out = {k: v for k, v in entries.items() if k not in ("tok_emb.weight", "ve_shared.embed.weight")}
-    q, s = tg.quantize_rows(torch.randn(64, 32, generator=torch.Generator().manual_seed(9)), 127)
-    out["extra.weight"] = {"kind": "int8", "q": q, "scale": s}
-    return h, hess, out
+def scheme(calibrated):
+    """name -> (h, entries, quantize_state's log line), each scheme quantized once. Do not mutate."""
+    _, model, hess, _ = calibrated
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            h, ctx = hparams(GPTQ_CALIB_BATCHES=2, **SCHEMES[name]), Ctx()
+            cache[name] = (h, tg.quantize_state(model, hess, h, ctx), ctx.logs[-1])
+        return cache[name]
+    return get
 
 
-def count_pm1(entries) -> int:
-    return sum(int((e["q"].abs() == 1).sum()) for e in entries.values() if e["kind"] == "int6")
+@pytest.fixture(scope="module")
+def packed(scheme):
+    """name -> (blob, report) of tg.pack(entries, config, META), once per scheme."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            h, entries, _ = scheme(name)
+            cache[name] = tg.pack(entries, config_of(h), META)
+        return cache[name]
+    return get
 
 
-# ---------------------------------------------------------------- routing and lossless packing
+def header_of(blob: bytes) -> tuple[dict, int]:
+    """The artifact's JSON header and where the first group's stream starts."""
+    _, hlen, _ = struct.unpack_from("<BII", blob, len(tg.ARTIFACT_MAGIC))
+    return json.loads(lzma.decompress(blob[FIXED:FIXED + hlen])), FIXED + hlen
 
-def test_quantize_state_routes_every_tensor(quantized):
-    """Bank matrices -> int6 (GPTQ), large other matrices -> int8 rows, everything else -> fp16, shapes kept."""
-    h, model, _, entries = quantized
+
+def group_spans(blob: bytes) -> dict[str, tuple[int, int]]:
+    header, pos = header_of(blob)
+    spans = {}
+    for g, *_, length in header["groups"]:
+        spans[g] = (pos, pos + length)
+        pos += length
+    return spans
+
+
+def with_header(blob: bytes, header: dict) -> bytes:
+    """The same streams behind a rewritten (well-formed, correctly checksummed) header."""
+    _, start = header_of(blob)
+    hz = lzma.compress(json.dumps(header, separators=(",", ":")).encode())
+    return tg.ARTIFACT_MAGIC + struct.pack("<BII", tg.ARTIFACT_VERSION, len(hz), zlib.crc32(hz)) + hz + blob[start:]
+
+
+def transform_family(transform: str) -> tuple[str, ...]:
+    return next(fam for fam in tg.TRANSFORMS.values() if transform in fam)
+
+
+@pytest.fixture(scope="module")
+def forced(scheme, packed):
+    """The 'all' scheme packed with every (codec, transform) forced on every group: {(codec, i): (blob, report)}."""
+    h, entries, _ = scheme("all")
+    _, report = packed("all")
+    out = {}
+    for codec in tg.available_codecs():
+        for i in (0, 1):
+            plan = {g: {"codec": codec, "transform": transform_family(r["transform"])[i]} for g, r in report.items()}
+            out[codec, i] = tg.pack(entries, config_of(h), META, plan)
+    return out
+
+
+# ---------------------------------------------------------------- routing
+
+def test_quantize_state_routes_every_tensor(calibrated, scheme):
+    """Bank matrices -> int6 GPTQ and the tied embedding -> int8 GPTQ, both with their Hessian's diagonal as
+    cost; other large matrices -> int8 rows (no Hessian, no cost); everything else -> fp16; shapes kept."""
+    h, model, hess, state = calibrated
+    _, entries, log = scheme("seed")
     flat = tg.unbank(model.state_dict(), h.NUM_LAYERS)
     assert sorted(entries) == sorted(flat)
     banked = {f"blocks.{i}.{slot}.weight" for i in range(h.NUM_LAYERS) for slot, _, _, _ in tg.BANK_SLOTS}
     for name, t in flat.items():
         e = entries[name]
-        want = "int6" if name in banked else "int8" if t.dim() == 2 and t.numel() > tg.PASSTHROUGH_MAX else "fp16"
+        want = ("int6" if name in banked else "int8" if name == "tok_emb.weight" or (t.dim() == 2 and t.numel() > tg.PASSTHROUGH_MAX)
+                else "fp16")
         assert e["kind"] == want, name
         if want == "fp16":
-            assert e["data"].dtype == torch.float16 and e["data"].shape == t.shape
+            assert e["data"].dtype == torch.float16 and e["data"].shape == t.shape and sorted(e) == ["data", "kind"]
+            continue
+        assert e["q"].dtype == torch.int8 and e["q"].shape == t.shape, name
+        assert e["scale"].dtype == torch.float16 and e["scale"].shape == (t.size(0),), name
+        if name in banked or name == "tok_emb.weight":
+            assert sorted(e) == ["cost", "kind", "q", "scale"], name
+            assert torch.equal(e["cost"], hess[hess_key(name)].diagonal()), name
         else:
-            assert e["q"].dtype == torch.int8 and e["q"].shape == t.shape and e["scale"].shape == (t.size(0),)
+            assert sorted(e) == ["kind", "q", "scale"], name  # int8 rows: not pruned, no Hessian
     assert {e["kind"] for e in entries.values()} == {"int6", "int8", "fp16"}
     assert any(e["kind"] == "fp16" and e["data"].dim() == 0 for e in entries.values())  # 0-d scalars too
+    assert entries["bigram.embed.weight"]["kind"] == "int8"  # the int8-rows path is exercised
+    # the embedding is GPTQ with the lm-head-input Hessian, not round-to-nearest
+    W, H = state["tok_emb.weight"], hess["tok_emb"]
+    q, s, groups = tg.gptq_quantize(W, H, 127, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
+    assert torch.equal(entries["tok_emb.weight"]["q"], q) and torch.equal(bits(entries["tok_emb.weight"]["scale"]), bits(s))
+    assert groups.numel() == 0 and not torch.equal(q, tg.quantize_rows(W, 127)[0])
+    assert re.fullmatch(rf"gptq:quantized {6 * h.NUM_LAYERS + 1} matrices with Hessians, {len(entries)} tensors in "
+                        r"[\d.]+s lqer:\[\]", log), log
 
 
-@pytest.mark.parametrize("layout", tg.LAYOUTS)
-def test_serialize_roundtrip_is_bit_exact(quantized, layout):
-    """serialize/deserialize returns every code, scale and fp16 tensor bit-identical, with kinds and shapes."""
-    h, _, _, entries = quantized
-    meta = {"prequant_val_bpb": 1.234567891234, "seed": 7}
-    config, meta2, out = tg.deserialize(tg.serialize(entries, config_of(h), meta, layout))
-    assert config == config_of(h) and meta2 == meta
-    assert_entries_identical(entries, out)
+@pytest.mark.parametrize("name", SCHEMES)
+def test_every_scheme_quantizes_each_class_at_its_bits_and_clip(calibrated, scheme, name):
+    """Kinds follow MATRIX_BITS / EMBED_BITS; codes stay within +-(2^(bits-1)-1) (AWQ columns within +-127) and
+    use that range; SDClip scales are fp16(sigmas * std(row) / qmax) with the class's sigmas; AWQ groups only on
+    matrices with a whole 64-column group, never on the embedding."""
+    _, _, hess, state = calibrated
+    h, entries, _ = scheme(name)
+    reached = set()
+    for n, e in entries.items():
+        if hess_key(n) is None:
+            assert e["kind"] in ("int8", "fp16") and "cost" not in e, n
+            continue
+        bits_n = h.EMBED_BITS if n == "tok_emb.weight" else h.MATRIX_BITS
+        assert e["kind"] == f"int{bits_n}", n
+        qmax, mult = qmax_of(e["kind"]), step_multiplier(e, e["q"].size(1))
+        lim = torch.where(mult == 1, float(qmax), 127.0)
+        assert (e["q"].abs().float() <= lim[None, :]).all(), n
+        if int(e["q"].abs().max()) >= qmax:
+            reached.add(n)
+        sigmas = (h.EMBED_CLIP_SIGMAS if n == "tok_emb.weight" else h.ATTN_CLIP_SIGMAS if ".attn." in n
+                  else h.MLP_CLIP_SIGMAS)
+        if sigmas:
+            want = (sigmas * state[n].std(1, correction=0) / qmax).half()
+            assert torch.equal(bits(e["scale"]), bits(want)), n
+        wants_awq = h.AWQ_LITE_GROUP_TOP_K > 0 and n != "tok_emb.weight" and e["q"].size(1) >= 64
+        assert ("awq" in e) == wants_awq, n
+        if wants_awq:
+            assert e["awq"].dtype == torch.int16 and e["awq"].numel() == min(h.AWQ_LITE_GROUP_TOP_K, e["q"].size(1) // 64)
+    assert "tok_emb.weight" in reached and any(n != "tok_emb.weight" for n in reached)
+    assert any("awq" in e for e in entries.values()) == (h.AWQ_LITE_GROUP_TOP_K > 0)
+    assert any("lqer_a" in e for e in entries.values()) == (h.LQER_RANK > 0)
 
 
-@pytest.mark.parametrize("layout", tg.LAYOUTS)
-@pytest.mark.parametrize("codec", tg.CODECS)
-def test_pack_read_artifact_roundtrip(quantized, tmp_path, codec, layout):
-    """pack -> file -> read_artifact is lossless for every available codec and layout."""
-    if codec not in tg.available_codecs():
-        pytest.skip(f"{codec} not installed")
-    h, _, _, entries = quantized
-    blob = tg.pack(tg.serialize(entries, config_of(h), {"a": 1}, layout), codec)
-    assert blob[:len(tg.ARTIFACT_MAGIC)] == tg.ARTIFACT_MAGIC and tg.CODECS[blob[len(tg.ARTIFACT_MAGIC) + 1]] == codec
+def test_quant_spec_gives_each_class_its_bits_sigmas_and_awq():
+    """(bits, SDClip sigmas, AWQ groups): the embedding has its own bits and sigmas and never AWQ; attention
+    and MLP matrices share MATRIX_BITS and AWQ_LITE_GROUP_TOP_K with their own sigmas."""
+    h = hparams(MATRIX_BITS=5, EMBED_BITS=7, ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0,
+                AWQ_LITE_GROUP_TOP_K=2)
+    assert tg.quant_spec("tok_emb.weight", h) == (7, 14.0, 0)
+    for slot in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj"):
+        assert tg.quant_spec(f"blocks.1.{slot}.weight", h) == (5, 13.0, 2), slot
+    for slot in ("mlp.fc", "mlp.proj"):
+        assert tg.quant_spec(f"blocks.1.{slot}.weight", h) == (5, 11.5, 2), slot
+
+
+# ---------------------------------------------------------------- the container
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_container_roundtrips_every_scheme_exactly(scheme, packed, tmp_path, name):
+    """pack -> write_atomic -> read_artifact gives every stored field bit-identical (dtype, shape, values) with
+    the same kinds, config and meta; one stream per group; packing again with plan=report gives the same blob."""
+    h, entries, _ = scheme(name)
+    blob, report = packed(name)
     path = tmp_path / "m.ptz"
     tg.write_atomic(str(path), blob)
     config, meta, out = tg.read_artifact(str(path))
-    assert config == config_of(h) and meta == {"a": 1}
+    assert config == config_of(h) and meta == META
     assert_entries_identical(entries, out)
+    assert {n: e["kind"] for n, e in out.items()} == {n: e["kind"] for n, e in entries.items()}
+    want_groups = {"fp16", "q.attn", "q.embed", "q.mlp", "q.other", "scales"} | ({"lqer"} if h.LQER_RANK else set())
+    assert set(report) == want_groups
+    values = {}
+    for n, e in entries.items():
+        for f, t in stored(e).items():
+            g = ("fp16" if f == "data" else "lqer" if f in ("lqer_a", "lqer_b") else "scales" if f != "q"
+                 else "q.embed" if n == "tok_emb.weight" else "q.attn" if ".attn." in n else "q.mlp" if ".mlp." in n
+                 else "q.other")
+            values[g] = values.get(g, 0) + t.numel()
+    assert {g: r["values"] for g, r in report.items()} == values
+    for g, r in report.items():
+        assert r["codec"] in tg.available_codecs() and r["transform"] in transform_family(r["transform"]), g
+    header, start = header_of(blob)
+    assert [x[0] for x in header["groups"]] == sorted(report) and start + sum(r["bytes"] for r in report.values()) == len(blob)
+    assert tg.pack(entries, config_of(h), META, report)[0] == blob
 
 
-def test_artifact_pins_the_trained_rope_base(quantized, tmp_path):
+def test_every_codec_and_transform_roundtrips(scheme, forced):
+    """Forcing each available codec and each transform on every group still reads back bit-identical."""
+    _, entries, _ = scheme("all")
+    for (codec, i), (blob, report) in forced.items():
+        assert {r["codec"] for r in report.values()} == {codec}
+        assert_entries_identical(entries, tg.unpack(blob)[2])
+
+
+def test_artifact_pins_the_trained_rope_base(scheme, packed, tmp_path):
     """A model trained at 2048 tokens (ntk1024 stretch) reloads with its base, whatever TRAIN_SEQ_LEN the
     evaluating process has: the artifact stores the resolved base, not the rule."""
-    h, _, _, entries = quantized
+    h, entries, _ = scheme("seed")
     trained = copy.copy(h)
     trained.update({"TRAIN_SEQ_LEN": 2048})  # ROPE_DIMS 4: base 10000 * 2^(4/2)
     assert trained.rope_base == 40000.0 and h.rope_base == 10000.0
     path = tmp_path / "m.ptz"
-    tg.write_atomic(str(path), tg.pack(tg.serialize(entries, config_of(trained), {}, "row"), "lzma"))
+    tg.write_atomic(str(path), tg.pack(entries, config_of(trained), {}, packed("seed")[1])[0])
     trained_inv_freq = tg.GPT(trained).rotary.inv_freq
     for seq_len in (32, 4096):
         evaluating = hparams(TRAIN_SEQ_LEN=seq_len)
@@ -152,20 +344,21 @@ def test_artifact_pins_the_trained_rope_base(quantized, tmp_path):
 
 
 def test_all_three_codecs_are_available():
-    """The record environment has lzma, zstd and brotli, so compress_best really compares three codecs."""
+    """The record environment has lzma, zstd and brotli, so pack really compares three codecs per group."""
     assert tg.available_codecs() == list(tg.CODECS)
 
 
-def test_dequantized_state_loads_strictly_and_stays_close(quantized, tmp_path):
-    """dequantize_state + rebank gives the model's state_dict shapes, loads strict=True and predicts alike."""
-    h, model, _, entries = quantized
-    path = tmp_path / "m.ptz"
-    tg.write_atomic(str(path), tg.pack(tg.serialize(entries, config_of(h), {}, "col"), "lzma"))
-    _, _, read = tg.read_artifact(str(path))
+@pytest.mark.parametrize("name", ["seed", "all"])
+def test_dequantized_state_loads_strictly_and_stays_close(calibrated, scheme, packed, name):
+    """dequantize_state + rebank of the read-back artifact gives the model's state_dict shapes, loads
+    strict=True and predicts alike."""
+    h, model, _, _ = calibrated
+    hs, _, _ = scheme(name)
+    _, _, read = tg.unpack(packed(name)[0])
     state = tg.dequantize_state(read, h.NUM_LAYERS)
     ref = model.state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in ref.items()}
-    fresh = tg.GPT(h)
+    fresh = tg.GPT(hs)
     fresh.load_state_dict(state, strict=True)
     for k, v in ref.items():
         rel = (fresh.state_dict()[k] - v).norm() / v.norm().clamp_min(1e-12)
@@ -178,14 +371,38 @@ def test_dequantized_state_loads_strictly_and_stays_close(quantized, tmp_path):
 
 def test_one_layer_model_roundtrips(tmp_path):
     """NUM_LAYERS=1 (zero-row skip_weights) still packs, reads back and loads strictly."""
-    h = hparams(NUM_LAYERS=1, XSA_LAST_N=1, VE_LAYERS="0")
+    h = tg.Hyperparameters(tiny_env("unused.model", "unused", NUM_LAYERS=1, XSA_LAST_N=1, VE_LAYERS="0"))
     model = random_model(h, noise=0.05)
     entries = tg.quantize_state(model, {}, h, Ctx())
     path = tmp_path / "m.ptz"
-    tg.write_atomic(str(path), tg.pack(tg.serialize(entries, config_of(h), {}, "row"), "lzma"))
+    tg.write_atomic(str(path), tg.pack(entries, config_of(h), {})[0])
     _, _, read = tg.read_artifact(str(path))
     assert_entries_identical(entries, read)
     tg.GPT(h).load_state_dict(tg.dequantize_state(read, 1), strict=True)
+
+
+def strip(entries: dict, prefix: str) -> dict:
+    return {n: {f: t for f, t in e.items() if not f.startswith(prefix)} for n, e in entries.items()}
+
+
+def test_lqer_rank_0_and_awq_top_k_0_add_nothing(calibrated, scheme, packed):
+    """LQER_RANK=0 (whatever LQER_TOP_K) and AWQ_LITE_GROUP_TOP_K=0 add no field and no group: the entries and
+    the packed bytes are those of the scheme without them; LQER on top only adds its fields."""
+    h0, model, hess, _ = calibrated
+    _, seed, _ = scheme("seed")
+    seed_blob, seed_report = packed("seed")
+    assert not any(f.startswith(("lqer", "awq")) for e in seed.values() for f in e)
+    assert "lqer" not in seed_report and seed_report["scales"]["values"] == sum(
+        e["scale"].numel() for e in seed.values() if "scale" in e)
+    h = hparams(GPTQ_CALIB_BATCHES=2, LQER_RANK=0, LQER_TOP_K=7, AWQ_LITE_GROUP_TOP_K=0)
+    ctx = Ctx()
+    off = tg.quantize_state(model, hess, h, ctx)
+    assert_entries_identical(seed, off, with_cost=True)
+    assert ctx.logs[-1].endswith("lqer:[]")
+    assert tg.pack(off, config_of(h), META, seed_report)[0] == seed_blob
+    _, lqer, _ = scheme("lqer")
+    assert_entries_identical(seed, strip(lqer, "lqer"), with_cost=True)
+    assert tg.pack(strip(lqer, "lqer"), config_of(h), META, seed_report)[0] == seed_blob
 
 
 # ---------------------------------------------------------------- code ranges and GPTQ quality
@@ -198,67 +415,84 @@ def correlated_hessian(cols: int, seed: int = 0, n: int = 4096) -> torch.Tensor:
     return X.T @ X
 
 
-def test_codes_stay_in_range_even_with_huge_outliers(quantized):
-    """int6 codes stay in [-31, 31] and int8 codes in [-127, 127], also on rows with 1000x outliers."""
-    _, _, _, entries = quantized
-    for name, e in entries.items():
-        if e["kind"] != "fp16":
-            lim = 31 if e["kind"] == "int6" else 127
-            assert int(e["q"].abs().max()) <= lim, name
-            assert torch.isfinite(e["scale"]).all() and (e["scale"] > 0).all(), name
+def outlier_matrix() -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     W = 0.02 * torch.randn(24, 64, generator=g)
     W[::3, 5] = 30.0
     W[1::3, 40] = -25.0
-    H = correlated_hessian(64)
-    for q, s in (tg.gptq_quantize(W, H), tg.gptq_quantize(W, None), tg.gptq_quantize(W, H, block=16)):
-        assert q.dtype == torch.int8 and int(q.abs().max()) <= 31
-        assert torch.isfinite(s).all() and (s > 0).all()
-        assert torch.isfinite(q.float() * s.float()[:, None]).all()
-    q, s = tg.quantize_rows(W, 127)
-    assert int(q.abs().max()) <= 127 and (s > 0).all()
+    return W
+
+
+@pytest.mark.parametrize("nbits", [5, 6, 7, 8])
+def test_codes_stay_in_range_even_with_huge_outliers(nbits):
+    """At 5/6/7/8 bits, GPTQ (any block size, clip search or SDClip) and RTN codes stay in +-(2^(bits-1)-1),
+    reach it, and give positive finite scales, also on rows with 1000x outliers."""
+    qmax, W, H = 2 ** (nbits - 1) - 1, outlier_matrix(), correlated_hessian(64)
+    for sigmas in (0.0, 2.5):
+        for q, s, *_ in (tg.gptq_quantize(W, H, qmax, sigmas=sigmas), tg.gptq_quantize(W, None, qmax, sigmas=sigmas),
+                         tg.gptq_quantize(W, H, qmax, block=16, sigmas=sigmas), tg.quantize_rows(W, qmax, sigmas)):
+            assert q.dtype == torch.int8 and int(q.abs().max()) == qmax, (sigmas, int(q.abs().max()))
+            assert s.dtype == torch.float16 and torch.isfinite(s).all() and (s > 0).all()
+            assert torch.isfinite(q.float() * s.float()[:, None]).all()
+
+
+def test_model_codes_stay_in_range(scheme):
+    """Every entry of the model: codes within its kind's range, scales positive and finite."""
+    for name in ("seed", "all"):
+        for n, e in scheme(name)[1].items():
+            if e["kind"] != "fp16":
+                lim = 127 if "awq" in e else qmax_of(e["kind"])
+                assert int(e["q"].abs().max()) <= lim, n
+                assert torch.isfinite(e["scale"]).all() and (e["scale"] > 0).all(), n
 
 
 def test_zero_and_tiny_rows_get_a_positive_scale():
-    """A zero row quantizes to zeros and a tiny row keeps a positive fp16 scale (1e-8 floor must survive .half())
-    and is reconstructed far better than by dropping it."""
+    """A zero row quantizes to zeros and a tiny row keeps a positive fp16 scale (the floor must survive .half())
+    and is reconstructed far better than by dropping it; with the clip search and with SDClip."""
     W = torch.zeros(3, 16)
     W[1] = 2e-7 * torch.linspace(-1, 1, 16)
     W[2] = torch.linspace(-1, 1, 16)
     H = correlated_hessian(16)
-    for weight, (q, s) in ((torch.eye(16), tg.gptq_quantize(W, None)), (H, tg.gptq_quantize(W, H)),
-                           (torch.eye(16), tg.quantize_rows(W, 127))):
-        assert (s > 0).all(), s
-        assert torch.equal(q[0], torch.zeros_like(q[0]))
-        d = (W[1] - q[1].float() * s[1].float()).double()
-        err, dropped = d @ weight.double() @ d, W[1].double() @ weight.double() @ W[1].double()
-        assert err <= 0.25 * dropped, (float(err), float(dropped))
+    for sigmas in (0.0, 3.0):
+        for weight, (q, s, *_) in ((torch.eye(16), tg.gptq_quantize(W, None, sigmas=sigmas)),
+                                   (H, tg.gptq_quantize(W, H, sigmas=sigmas)),
+                                   (torch.eye(16), tg.quantize_rows(W, 127, sigmas))):
+            assert (s > 0).all(), s
+            assert torch.equal(q[0], torch.zeros_like(q[0]))
+            d = (W[1] - q[1].float() * s[1].float()).double()
+            err, dropped = d @ weight.double() @ d, W[1].double() @ weight.double() @ W[1].double()
+            assert err <= 0.25 * dropped, (sigmas, float(err), float(dropped))
 
 
-def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+@pytest.mark.parametrize("sigmas", [0.0, 2.5])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(sigmas):
     """Hessian-weighted error tr((W-Q)H(W-Q)^T) of GPTQ is clearly below RTN with the same clip candidates."""
     H = correlated_hessian(96)
     W = 0.05 * torch.randn(48, 96, generator=torch.Generator().manual_seed(1))
 
-    def err(q, s):
+    def err(q, s, _):
         D = (W - q.float() * s.float()[:, None]).double()
         return float(torch.einsum("rc,cd,rd->", D, H.double(), D))
 
-    e_gptq, e_rtn = err(*tg.gptq_quantize(W, H)), err(*tg.gptq_quantize(W, None))
+    e_gptq, e_rtn = err(*tg.gptq_quantize(W, H, sigmas=sigmas)), err(*tg.gptq_quantize(W, None, sigmas=sigmas))
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
-    e_small_blocks = err(*tg.gptq_quantize(W, H, block=16))  # lazy-batch blocking changes nothing essential
+    e_small_blocks = err(*tg.gptq_quantize(W, H, block=16, sigmas=sigmas))  # lazy-batch blocking changes nothing essential
     assert e_small_blocks < 0.8 * e_rtn
 
 
-def reference_rtn(W: torch.Tensor, qmax: int, weights: torch.Tensor | None = None):
-    """Independent per-row round-to-nearest: every clip quantile, fp16 scale, least (weighted) squared error."""
+def reference_rtn(W: torch.Tensor, qmax: int, weights: torch.Tensor | None = None, sigmas: float = 0.0):
+    """Independent per-row round-to-nearest: every clip quantile (or the one SDClip clip), fp16 scale, least
+    (weighted) squared error."""
     weights = torch.ones(W.size(1)) if weights is None else weights
     qs, ss = [], []
     for row in W.float():
         best = None
-        for qt in tg.CLIP_QUANTILES:
-            clip = row.abs().max() if qt == 1.0 else torch.quantile(row.abs(), qt)
-            s = (clip / qmax).clamp_min(1e-8).half().float()
+        if sigmas:
+            clips = [sigmas * (row - row.mean()).square().mean().sqrt()]
+        else:
+            clips = [row.abs().max() if qt == 1.0 else torch.quantile(row.abs(), qt) for qt in tg.CLIP_QUANTILES]
+        for clip in clips:
+            s = (clip / qmax).clamp_min(2 ** -24).half().float()
             q = torch.clamp(torch.round(row / s), -qmax, qmax)
             e = float((weights.double() * (row - q * s).double() ** 2).sum())
             if best is None or e < best[0]:
@@ -268,18 +502,20 @@ def reference_rtn(W: torch.Tensor, qmax: int, weights: torch.Tensor | None = Non
     return torch.stack(qs).to(torch.int8), torch.stack(ss).half()
 
 
-def test_gptq_with_identity_hessian_is_round_to_nearest():
-    """gptq_quantize(W, I) == gptq_quantize(W, None) == an independent per-row RTN, exactly."""
+@pytest.mark.parametrize("sigmas", [0.0, 3.0])
+def test_gptq_with_identity_hessian_is_round_to_nearest(sigmas):
+    """gptq_quantize(W, I) == gptq_quantize(W, None) == an independent per-row RTN, exactly (no AWQ groups)."""
     W = torch.randn(20, 48, generator=torch.Generator().manual_seed(2))
     W[3, 7] = 9.0  # an outlier row, where a clipped candidate can win
-    q0, s0 = tg.gptq_quantize(W, None)
-    q1, s1 = tg.gptq_quantize(W, torch.eye(48))
-    qr, sr = reference_rtn(W, 31)
+    q0, s0, g0 = tg.gptq_quantize(W, None, sigmas=sigmas, awq_top_k=2)
+    q1, s1, g1 = tg.gptq_quantize(W, torch.eye(48), sigmas=sigmas)
+    qr, sr = reference_rtn(W, 31, sigmas=sigmas)
     assert torch.equal(q0, q1) and torch.equal(s0, s1)
-    assert torch.equal(q0, qr) and torch.equal(s0, sr)
-    q8, s8 = tg.quantize_rows(W, 127)
-    qr8, sr8 = reference_rtn(W, 127)
-    assert torch.equal(q8, qr8) and torch.equal(s8, sr8)
+    assert torch.equal(q0, qr) and torch.equal(bits(s0), bits(sr))
+    assert g0.dtype == g1.dtype == torch.int16 and g0.numel() == g1.numel() == 0
+    q8, s8 = tg.quantize_rows(W, 127, sigmas)
+    qr8, sr8 = reference_rtn(W, 127, sigmas=sigmas)
+    assert torch.equal(q8, qr8) and torch.equal(bits(s8), bits(sr8))
 
 
 def test_gptq_with_diagonal_hessian_rounds_and_unpermutes():
@@ -287,7 +523,7 @@ def test_gptq_with_diagonal_hessian_rounds_and_unpermutes():
     and act-order's column permutation is undone."""
     W = torch.randn(20, 48, generator=torch.Generator().manual_seed(4))
     d = torch.rand(48, generator=torch.Generator().manual_seed(5)) * 10 + 0.1
-    q, s = tg.gptq_quantize(W, torch.diag(d))
+    q, s, _ = tg.gptq_quantize(W, torch.diag(d))
     qr, sr = reference_rtn(W, 31, d)
     assert torch.equal(q, qr) and torch.equal(s, sr)
 
@@ -298,32 +534,233 @@ def test_dead_hessian_columns_are_zeroed():
     H[:, 9] = 0
     H[9, :] = 0
     W = torch.randn(8, 32, generator=torch.Generator().manual_seed(6))
-    q, s = tg.gptq_quantize(W, H)
-    assert torch.equal(q[:, 9], torch.zeros(8, dtype=torch.int8)) and torch.isfinite(s).all()
-    assert (q[:, :9] != 0).any()
+    for sigmas in (0.0, 2.5):
+        q, s, _ = tg.gptq_quantize(W, H, sigmas=sigmas)
+        assert torch.equal(q[:, 9], torch.zeros(8, dtype=torch.int8)) and torch.isfinite(s).all()
+        assert (q[:, :9] != 0).any()
+
+
+# ---------------------------------------------------------------- each scheme's error bound
+
+def heavy_tailed(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    return W * (1 + 4 * (torch.rand(rows, cols, generator=g) < 0.03))
+
+
+@pytest.mark.parametrize("qmax", [31, 63, 127])
+@pytest.mark.parametrize("sigmas", [2.0, 3.0, 12.0])
+def test_sdclip_scale_and_round_to_nearest_error_bound(qmax, sigmas):
+    """SDClip RTN: scale == fp16(sigmas * std(row, correction=0) / qmax), and every value is within half a step
+    of its clipped value: |clamp(W, +-qmax s) - q s| <= s/2; GPTQ with H = I gives the same codes."""
+    W = heavy_tailed(32, 96, 11)
+    q, s = tg.quantize_rows(W, qmax, sigmas)
+    want = (sigmas * W.std(1, correction=0) / qmax).half()
+    assert torch.equal(bits(s), bits(want))
+    sf = s.float()[:, None]
+    clip = qmax * sf
+    err = (torch.maximum(torch.minimum(W, clip), -clip) - q.float() * sf).abs()
+    assert (err <= sf / 2 * (1 + 1e-5)).all(), float((err / sf).max())
+    assert int(q.abs().max()) <= qmax
+    if sigmas < 4:
+        assert (W.abs() > clip).any() and int(q.abs().max()) == qmax  # the clip is really used
+    else:
+        assert not (W.abs() > clip).any()
+    qg, sg, _ = tg.gptq_quantize(W, torch.eye(96), qmax, sigmas=sigmas)
+    assert torch.equal(qg, q) and torch.equal(bits(sg), bits(s))
+
+
+def independent_awq_groups(W: torch.Tensor, H: torch.Tensor, top_k: int) -> list[int]:
+    n = W.size(1) // 64
+    score = [float(sum(H[c, c].sqrt() * W[:, c].abs().mean() for c in range(64 * g, 64 * (g + 1)))) for g in range(n)]
+    return sorted(sorted(range(n), key=lambda g: -score[g])[:top_k])
+
+
+@pytest.mark.parametrize("sigmas", [0.0, 3.0])
+def test_awq_lite_error_bounds_with_identity_hessian(sigmas):
+    """AWQ-lite, H = I: the top-2 groups by mean |w| are promoted; there codes reach past qmax (up to 127) and
+    each unclipped value is within s*(qmax/127)/2, elsewhere within s/2; clipped values sit at +-qmax s;
+    dequantize_entry multiplies the promoted columns' step."""
+    g = torch.Generator().manual_seed(12)
+    mag = torch.tensor([1.0, 3.0, 0.5, 2.0]).repeat_interleave(64)
+    W = torch.randn(24, 256, generator=g) * mag
+    q, s, groups = tg.gptq_quantize(W, torch.eye(256), 31, sigmas=sigmas, awq_top_k=2)
+    assert groups.dtype == torch.int16 and groups.tolist() == [1, 3] == independent_awq_groups(W, torch.eye(256), 2)
+    promoted = torch.zeros(256, dtype=torch.bool)
+    promoted[64:128] = promoted[192:256] = True
+    step = s.float()[:, None] * torch.where(promoted, 31 / 127, 1.0)[None, :]
+    assert int(q[:, promoted].abs().max()) > 31 and int(q[:, promoted].abs().max()) <= 127
+    assert int(q[:, ~promoted].abs().max()) <= 31
+    clip = 31 * s.float()[:, None]
+    deq = q.float() * step
+    inside = W.abs() <= clip
+    assert ((W - deq).abs()[inside] <= (step / 2 * (1 + 1e-5)).expand_as(W)[inside]).all()
+    if sigmas:
+        assert (~inside).any()
+    torch.testing.assert_close(deq[~inside], (torch.sign(W) * clip).expand_as(W)[~inside], rtol=1e-5, atol=0)
+    e = {"kind": "int6", "q": q, "scale": s, "awq": groups}
+    torch.testing.assert_close(tg.dequantize_entry(e), deq, rtol=1e-6, atol=0)
+
+
+def test_awq_lite_picks_groups_by_activation_rms_times_mean_abs_weight():
+    """Saliency is sqrt(H_cc) * mean_r |W_rc| summed over the group: here that ranking differs from ranking by
+    mean |W| alone or by H_cc * mean |W|, and only the last whole group counts (a partial group never does)."""
+    g = torch.Generator().manual_seed(13)
+    mag = torch.tensor([1.0, 3.0, 0.5, 0.2, 0.9])
+    act = torch.tensor([1.0, 0.01, 9.0, 100.0, 4.0])
+    cols = 5 * 64 + 20  # a trailing partial group of 20 columns
+    W = torch.randn(16, cols, generator=g).sign() * (0.5 + torch.rand(16, cols, generator=g))
+    W[:, :320] *= mag.repeat_interleave(64)
+    W[:, 320:] *= 50  # huge, but not a whole group
+    d = torch.ones(cols)
+    d[:320] = act.repeat_interleave(64)
+    H = torch.diag(d)
+    want = independent_awq_groups(W, H, 2)
+    assert want == [3, 4]
+    by_w = sorted(sorted(range(5), key=lambda i: -float(W[:, 64 * i:64 * i + 64].abs().mean()))[:2])
+    by_h = sorted(sorted(range(5), key=lambda i: -float(act[i] * W[:, 64 * i:64 * i + 64].abs().mean()))[:2])
+    assert by_w != want and by_h != want  # the test tells the three saliencies apart
+    assert tg.awq_groups(W, H, 2).tolist() == want
+    assert tg.gptq_quantize(W, H, 31, awq_top_k=2)[2].tolist() == want
+    assert tg.awq_groups(W, H, 9).tolist() == [0, 1, 2, 3, 4] and tg.awq_groups(W, H, 0).numel() == 0
+
+
+def test_awq_lite_on_the_model_promotes_the_most_salient_group(calibrated, scheme):
+    """In the model, the promoted group of each matrix with two 64-column groups is the one with the larger
+    sqrt(H_cc) * mean |W_c| (over the matrices sharing the Hessian)."""
+    _, _, hess, state = calibrated
+    _, entries, _ = scheme("awq")
+    promoted = {n: e["awq"].tolist() for n, e in entries.items() if "awq" in e}
+    assert promoted and all(n.endswith("mlp.proj.weight") for n in promoted)
+    for n, groups in promoted.items():
+        assert groups == independent_awq_groups(state[n], hess[hess_key(n)], 1), n
+
+
+@pytest.mark.parametrize("rows, cols, rank", [(48, 100, 4), (10, 7, 4), (20, 30, 50)])
+def test_lqer_factors_are_within_their_quantization_bounds(rows, cols, rank):
+    """LQER: A = U S (int2, codes -2..1, one scale) and B = V^T (int4, codes -8..7, one scale per 64 values of
+    the flattened B, last group padded) are each within half a step of the SVD's factors (plus fp16 rounding
+    of the scale); lqer_product is (qa sa)(qb sb); adding it shrinks the error."""
+    g = torch.Generator().manual_seed(rows)
+    E = torch.randn(rows, 3, generator=g) @ torch.randn(3, cols, generator=g) + 0.1 * torch.randn(rows, cols, generator=g)
+    f = tg.lqer_factors(E, rank)
+    r = min(rank, rows, cols)
+    groups = -(-r * cols // 64)
+    assert (f["lqer_a"].dtype, tuple(f["lqer_a"].shape)) == (torch.int8, (rows, r))
+    assert (f["lqer_b"].dtype, tuple(f["lqer_b"].shape)) == (torch.int8, (r, cols))
+    assert (f["lqer_a_scale"].dtype, tuple(f["lqer_a_scale"].shape)) == (torch.float16, (1,))
+    assert (f["lqer_b_scale"].dtype, tuple(f["lqer_b_scale"].shape)) == (torch.float16, (groups,))
+    assert -2 <= int(f["lqer_a"].min()) and int(f["lqer_a"].max()) <= 1
+    assert -8 <= int(f["lqer_b"].min()) and int(f["lqer_b"].max()) <= 7
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    A, B = U[:, :r] * S[:r], Vh[:r]
+    sa = f["lqer_a_scale"].float()
+    # the tightest scales that meet the bound: max |A| at 1.5 steps, each B group's max |B| at 7.5 steps
+    assert torch.equal(bits(f["lqer_a_scale"]), bits((A.abs().max() / 1.5).half().view(1)))
+    Bmax = torch.stack([B.flatten()[64 * i:64 * (i + 1)].abs().max() for i in range(groups)])
+    assert torch.equal(bits(f["lqer_b_scale"]), bits((Bmax / 7.5).half()))
+    assert ((A - f["lqer_a"].float() * sa).abs() <= sa * (0.5 + 2 * 2 ** -11) + 1e-7).all()
+    Bf, qb = B.flatten(), f["lqer_b"].float().flatten()
+    for i in range(groups):
+        sb = f["lqer_b_scale"][i].float()
+        part = slice(64 * i, 64 * (i + 1))
+        assert ((Bf[part] - qb[part] * sb).abs() <= sb * (0.5 + 8 * 2 ** -11) + 1e-7).all(), i
+    e = dict(f, kind="int6")
+    torch.testing.assert_close(tg.lqer_product(e), lqer_dequant(e), rtol=1e-6, atol=1e-7)
+    assert (E - tg.lqer_product(e)).norm() < E.norm()
+
+
+def lqer_choice(entries: dict, state: dict, top_k: int) -> list[str]:
+    """The top_k matrices with a Hessian by quantization error norm, larger first, ties by name."""
+    norm = {n: float((state[n] - base_dequant(e)).norm()) for n, e in entries.items() if hess_key(n) is not None}
+    return sorted(norm, key=lambda n: (-norm[n], n))[:top_k]
+
+
+@pytest.mark.parametrize("name", ["lqer", "all"])
+def test_lqer_corrects_the_matrices_with_the_largest_error(calibrated, scheme, name):
+    """quantize_state's LQER goes on the LQER_TOP_K matrices with the largest error (logged in that order),
+    at LQER_RANK; its factors are those of the error; it lowers each one's Frobenius error; the others
+    carry no LQER field."""
+    _, _, _, state = calibrated
+    h, entries, log = scheme(name)
+    chosen = lqer_choice(entries, state, h.LQER_TOP_K)
+    assert log.endswith(f"lqer:{chosen}"), log
+    for n, e in entries.items():
+        assert ("lqer_a" in e) == (n in chosen), n
+        if n not in chosen:
+            assert not any(f.startswith("lqer") for f in e), n
+            continue
+        assert tuple(e["lqer_a"].shape) == (e["q"].size(0), h.LQER_RANK)
+        before = state[n] - base_dequant(e)
+        want = tg.lqer_factors(before, h.LQER_RANK)
+        assert sorted(want) == sorted(f for f in e if f.startswith("lqer")), n
+        for f, t in want.items():
+            assert t.dtype == e[f].dtype and t.shape == e[f].shape and torch.equal(bits(t), bits(e[f])), (n, f)
+        after = state[n] - tg.dequantize_entry(e)
+        torch.testing.assert_close(after, before - lqer_dequant(e), rtol=1e-5, atol=1e-6)
+        assert after.norm() < before.norm(), (n, float(after.norm()), float(before.norm()))
+
+
+def test_add_lqer_picks_the_top_k_by_error_norm(calibrated, scheme):
+    """add_lqer(entries, state, rank, top_k) adds rank-`rank` factors to exactly the top_k matrices by error
+    norm and returns their names in that order; nothing else changes."""
+    _, _, _, state = calibrated
+    _, seed, _ = scheme("seed")
+    entries = {n: dict(e) for n, e in seed.items()}
+    top = tg.add_lqer(entries, state, 2, 5)
+    assert top == lqer_choice(seed, state, 5) and len(set(top)) == 5
+    for n, e in entries.items():
+        assert sorted(e) == sorted([*seed[n], *(["lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale"] if n in top else [])])
+        if n in top:
+            assert e["lqer_a"].shape[1] == 2 and e["lqer_b"].shape[0] == 2
+    assert_entries_identical(seed, strip(entries, "lqer"), with_cost=True)
+    everything = tg.add_lqer({n: dict(e) for n, e in seed.items()}, state, 1, 1000)  # only matrices with a Hessian
+    assert everything == lqer_choice(seed, state, 1000) and len(everything) == 6 * 3 + 1
 
 
 # ---------------------------------------------------------------- byte cap
 
-def test_fit_artifact_under_the_cap_returns_the_smallest_blob(quantized, tmp_path):
-    """Comfortably under the cap: the blob is the smallest (codec, layout) packing, unpruned, and its length
-    is what write_atomic puts on disk."""
-    h, _, _, entries = quantized
+def test_fit_under_the_cap_keeps_the_smallest_stream_per_group_and_logs_the_headroom(scheme, packed, forced, tmp_path):
+    """Under the cap: each group keeps the smallest (codec, transform) stream, nothing is pruned, the blob is
+    deterministic, the compression line adds up to the blob, and size_fit reports exactly cap - code - blob
+    bytes left with what they buy at the measured bits per attention/MLP weight."""
+    h, entries, _ = scheme("all")
+    blob, report = packed("all")
+    for g, r in report.items():
+        sizes = {(c, fr[g]["transform"]): fr[g]["bytes"] for (c, _), (_, fr) in forced.items()}
+        assert r["bytes"] == min(sizes.values()) == sizes[r["codec"], r["transform"]], (g, sizes)
+    code, cap = 1000, 10 ** 7
+    config = config_of(h)
     ctx = Ctx()
-    config, meta = config_of(h), {"m": 1}
-    blob = tg.fit_artifact(entries, config, meta, 1000, 10**9, ctx)
-    candidates = [tg.pack(tg.serialize(entries, config, meta, lay), c) for c in tg.available_codecs() for lay in tg.LAYOUTS]
-    assert len(blob) == min(map(len, candidates)) and blob in candidates
-    assert not any(m.startswith("size_fit") for m in ctx.logs)
+    out = tg.fit_artifact(entries, config, META, code, cap, ctx)
+    assert out == blob == tg.fit_artifact(entries, config, META, code, cap, Ctx())
+    comp = [m for m in ctx.logs if m.startswith("compression: ")]
+    assert len(comp) == 1
+    logged = dict(re.findall(r"(\S+)=(\S+)", comp[0]))
+    assert logged == {g: f"{r['codec']}/{r['transform']}:{r['bytes']}" for g, r in report.items()}
+    header = int(re.search(r" header:(\d+)$", comp[0]).group(1))
+    assert header > 0 and header + sum(r["bytes"] for r in report.values()) == len(blob)
+    fit = [m for m in ctx.logs if m.startswith("size_fit")]
+    assert len(fit) == 1, fit
+    m = re.fullmatch(r"size_fit: (\d+) bytes under the cap: at ([\d.]+) bits per matrix weight that is ~(\d+) more "
+                     r"weights, e\.g\. (\d+) more MLP hidden units per layer \(MLP_MULT \+([\d.]+)\)", fit[0])
+    assert m, fit[0]
+    left = cap - code - len(blob)
+    assert int(m[1]) == left
+    bpw = 8 * (report["q.attn"]["bytes"] + report["q.mlp"]["bytes"]) / (report["q.attn"]["values"] + report["q.mlp"]["values"])
+    assert m[2] == f"{bpw:.3f}" and int(m[3]) == int(8 * left / bpw)
+    assert int(m[4]) == int(m[3]) // (2 * h.MODEL_DIM * h.NUM_LAYERS)
     path = tmp_path / "final.ptz"
-    tg.write_atomic(str(path), blob)
+    tg.write_atomic(str(path), out)
     assert os.path.getsize(path) == len(blob) and os.listdir(tmp_path) == ["final.ptz"]
     assert_entries_identical(entries, tg.read_artifact(str(path))[2])
 
 
-def test_pack_artifact_logs_the_bytes_on_disk(quantized, tmp_path, monkeypatch):
-    """The logged serialized/code/total byte counts equal the artifact's and train_gpt.py's file sizes."""
-    h, _, _, entries = quantized
+@pytest.mark.parametrize("name", ["all"])
+def test_pack_artifact_logs_the_bytes_on_disk(scheme, tmp_path, monkeypatch, name):
+    """The logged serialized/code/total byte counts (label int{MATRIX_BITS}+pergroup, which records/tool.py
+    parses) equal the artifact's and train_gpt.py's file sizes."""
+    h, entries, _ = scheme(name)
     monkeypatch.chdir(tmp_path)
     h = copy.copy(h)
     h.ARTIFACT_PATH = "out.ptz"
@@ -331,66 +768,95 @@ def test_pack_artifact_logs_the_bytes_on_disk(quantized, tmp_path, monkeypatch):
     assert tg.pack_artifact(entries, h, ctx, {"seed": 7}) == "out.ptz"
     log = "\n".join(ctx.logs)
     art, code = os.path.getsize(tmp_path / "out.ptz"), os.path.getsize(ROOT / "train_gpt.py")
-    assert int(re.search(r"^Serialized model int6\+\w+: (\d+) bytes", log, re.M).group(1)) == art
+    label = f"int{h.MATRIX_BITS}+pergroup"
+    line = next(m for m in ctx.logs if m.startswith("Serialized model"))
+    m = re.match(r"Serialized model(?: (\S+))?: (\d+) bytes", line)  # records/tool.py's pattern
+    assert m and m[1] == label and int(m[2]) == art
     assert int(re.search(r"^Code size: (\d+) bytes", log, re.M).group(1)) == code
-    assert int(re.search(r"^Total submission size int6\+\w+: (\d+) bytes", log, re.M).group(1)) == art + code
+    assert int(re.search(rf"^Total submission size {re.escape(label)}: (\d+) bytes", log, re.M).group(1)) == art + code
     assert sorted(os.listdir(tmp_path)) == ["out.ptz"]
 
 
-def _decompress(blob: bytes) -> bytes:
-    head = len(tg.ARTIFACT_MAGIC)
-    return tg._codec(tg.CODECS[blob[head + 1]])[1](blob[head + 6:])
+@pytest.fixture(scope="module")
+def fit_entries(calibrated, scheme):
+    """name -> (h, hessians, entries): the scheme's entries without the large int8-rows table (quick to pack
+    many times) plus one small int8-rows matrix (no Hessian, never pruned)."""
+    _, _, hess, _ = calibrated
+
+    def get(name: str):
+        h, entries, _ = scheme(name)
+        out = {k: v for k, v in entries.items() if k != "bigram.embed.weight"}
+        q, s = tg.quantize_rows(torch.randn(64, 32, generator=torch.Generator().manual_seed(9)), 127)
+        out["extra.weight"] = {"kind": "int8", "q": q, "scale": s}
+        return h, hess, out
+    return get
 
 
-def sizes_for_pruning(entries, config, meta):
-    """(unpruned best size, fully pruned size) with the codec/layout fit_artifact keeps."""
-    blob, codec, layout = tg.compress_best(entries, config, meta, Ctx())
+def count_pm1(entries) -> int:
+    return sum(int((e["q"].abs() == 1).sum()) for e in entries.values() if e["kind"] != "fp16")
+
+
+@pytest.fixture(scope="module")
+def prune_sizes(fit_entries):
+    """(h, hessians, entries, unpruned best size, fully pruned size with the unpruned pack's plan, that plan) of
+    the 'all' scheme (AWQ columns, LQER fields, int5 matrices, int7 embedding, an int8-rows matrix)."""
+    h, hess, entries = fit_entries("all")
+    blob, report = tg.pack(entries, config_of(h), {})
     order = tg.prune_order(entries)
-    full = len(tg.pack(tg.serialize(tg.pruned(entries, order, len(order)), config, meta, layout), codec))
-    return len(blob), full
+    return h, hess, entries, len(blob), len(tg.pack(tg.pruned(entries, order, len(order)), config_of(h), {}, report)[0]), report
 
 
-def test_over_cap_prunes_cheapest_pm1_codes_until_it_fits(fit_entries):
-    """Between 'all +-1 pruned' and 'unpruned': the blob fits, only +-1 codes became 0, the cheapest ones
-    (scale^2 * H_jj) went first, and the result is deterministic."""
-    h, hess, entries = fit_entries
+def test_over_cap_prunes_cheapest_pm1_codes_until_it_fits(prune_sizes):
+    """A tenth of the way from unpruned to 'all +-1 pruned': the blob fits, only +-1 codes of matrices with a
+    Hessian became 0, the cheapest ones ((scale x AWQ multiplier)^2 * H_jj: AWQ columns' tiny steps go early)
+    went first, every other field is unchanged, each group kept the unpruned pack's codec and transform, the
+    logged sizes are those of that plan, and the result is deterministic."""
+    h, hess, entries, best, full, report = prune_sizes
     config, meta, code = config_of(h), {}, 5000
-    best, full = sizes_for_pruning(entries, config, meta)
-    assert full < best - 50, (full, best)
-    cap = code + (best + full) // 2
+    assert full < best - 200, (full, best)
+    cap = code + best - (best - full) // 10
     ctx = Ctx()
     blob = tg.fit_artifact(entries, config, meta, code, cap, ctx)
     assert code + len(blob) <= cap
-    assert any(m.startswith("size_fit: over by") for m in ctx.logs) and any(m.startswith("size_fit: pruned") for m in ctx.logs)
     assert blob == tg.fit_artifact(entries, config, meta, code, cap, Ctx())
-    _, _, out = tg.deserialize(_decompress(blob))
-    assert count_pm1(out) < count_pm1(entries)
-    pruned_costs, kept_costs = [], []
-    for name, e in entries.items():
+    header, _ = header_of(blob)
+    assert {g: (c, tr) for g, c, tr, *_ in header["groups"]} == {g: (r["codec"], r["transform"]) for g, r in report.items()}
+    candidates = sum(int((e["q"].abs() == 1).sum()) for e in entries.values() if "cost" in e)
+    fit = [m for m in ctx.logs if m.startswith("size_fit")]
+    assert fit[0] == (f"size_fit: over by {code + best - cap} bytes; {candidates} +-1 candidates; "
+                      f"pruning all gives {full} bytes"), fit
+    k = int(re.fullmatch(rf"size_fit: pruned (\d+)/{candidates} \+-1 codes \([\d.]+%\)", fit[1])[1])
+    assert len(fit) == 2 and not any("under the cap" in m for m in ctx.logs)
+    _, _, out = tg.unpack(blob)
+    assert count_pm1(entries) - count_pm1(out) == k and 0 < k < candidates // 2
+    pruned_costs, kept_costs, awq_pruned = [], [], 0
+    for n, e in entries.items():
+        o = out[n]
+        for f, t in stored(e).items():
+            if f != "q":
+                assert torch.equal(bits(t), bits(o[f])), (n, f)
         if e["kind"] == "fp16":
-            assert torch.equal(e["data"].view(torch.int16), out[name]["data"].view(torch.int16))
             continue
-        assert torch.equal(e["scale"].view(torch.int16), out[name]["scale"].view(torch.int16))
-        changed = e["q"] != out[name]["q"]
-        assert e["kind"] == "int6" or not changed.any(), name
-        assert (e["q"][changed].abs() == 1).all() and (out[name]["q"][changed] == 0).all(), name
-        if e["kind"] == "int6":
-            layer, slot = re.match(r"blocks\.(\d+)\.(\w+\.\w+)\.weight", name).groups()
-            key = {"attn.c_q": "attn.qkv", "attn.c_k": "attn.qkv", "attn.c_v": "attn.qkv"}.get(slot, slot)
-            cost = e["scale"].float()[:, None] ** 2 * hess[f"blocks.{layer}.{key}"].diagonal()[None, :]
+        changed = e["q"] != o["q"]
+        assert "cost" in e or not changed.any(), n
+        assert (e["q"][changed].abs() == 1).all() and (o["q"][changed] == 0).all(), n
+        if "cost" in e:
+            mult = step_multiplier(e, e["q"].size(1))
+            cost = (e["scale"].float()[:, None] * mult[None, :]) ** 2 * hess[hess_key(n)].diagonal()[None, :]
             pm1 = e["q"].abs() == 1
             pruned_costs.append(cost[pm1 & changed])
             kept_costs.append(cost[pm1 & ~changed])
+            awq_pruned += int((changed & (mult < 1)[None, :]).sum())
     assert torch.cat(pruned_costs).max() <= torch.cat(kept_costs).min()
+    assert awq_pruned > 0  # the AWQ columns' codes are priced with their step
 
 
-def test_cap_below_fully_pruned_size_raises_saying_how_far_over(fit_entries):
+def test_cap_below_fully_pruned_size_raises_saying_how_far_over(prune_sizes):
     """A cap below even the fully pruned size raises RuntimeError naming the bytes over."""
-    h, _, entries = fit_entries
-    config, code = config_of(h), 5000
-    _, full = sizes_for_pruning(entries, config, {})
+    h, _, entries, _, full, _ = prune_sizes
+    code = 5000
     with pytest.raises(RuntimeError, match=r"artifact does not fit: 10 bytes over"):
-        tg.fit_artifact(entries, config, {}, code, code + full - 10, Ctx())
+        tg.fit_artifact(entries, config_of(h), {}, code, code + full - 10, Ctx())
 
 
 def test_size_cap_end_to_end(tiny_tokenizer, tiny_data, tmp_path):
@@ -412,7 +878,7 @@ def test_size_cap_end_to_end(tiny_tokenizer, tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = (tmp_path / "b" / "logs" / "tiny.txt").read_text()
     assert re.search(r"^size_fit: over by \d+ bytes", log, re.M) and re.search(r"^size_fit: pruned \d+/\d+", log, re.M)
-    total = int(re.search(r"^Total submission size int6\+\w+: (\d+) bytes", log, re.M).group(1))
+    total = int(re.search(r"^Total submission size int6\+pergroup: (\d+) bytes", log, re.M).group(1))
     assert total == os.path.getsize(tmp_path / "b" / "final_model.int6.ptz") + code <= cap2
     assert re.search(r"^final_int6_sliding_window_exact ", log, re.M)  # the pruned artifact loads and evaluates
 
@@ -423,65 +889,70 @@ def _flip(b: bytes, i: int) -> bytes:
     return b[:i] + bytes([b[i] ^ 0xFF]) + b[i + 1:]
 
 
-def corruptions(good: bytes, payload: bytes, codec: str):
-    head = len(tg.ARTIFACT_MAGIC) + 6
-    return {
-        "bad magic": (b"NOTPG" + good[5:], "magic"),
-        "empty file": (b"", "magic"),
-        "truncated header": (good[:head - 2], "truncated"),
-        "wrong version": (good[:5] + bytes([tg.ARTIFACT_VERSION + 1]) + good[6:], "version"),
-        "unknown codec": (good[:6] + bytes([len(tg.CODECS)]) + good[7:], "codec"),
-        "truncated body": (good[:head + (len(good) - head) // 2], "corrupt"),
-        "flipped body byte": (_flip(good, head + (len(good) - head) // 2), "corrupt"),
-        "flipped last byte": (_flip(good, len(good) - 1), "corrupt"),
-        "flipped checksum": (_flip(good, 8), "corrupt"),
-        "tensor data shorter than header": (tg.pack(payload[:-10], codec), "corrupt"),
-        "trailing bytes": (tg.pack(payload + b"\0\0", codec), "corrupt"),
-    }
-
-
-def inconsistent_payloads(payload: bytes, codec: str):
-    """Well-packed (valid checksum) payloads whose own header is inconsistent with their length."""
-    return {
-        "header length past the end": (tg.pack(struct.pack("<I", len(payload) + 100) + payload[4:], codec), "corrupt"),
-        "payload shorter than its length field": (tg.pack(b"\x01", codec), "corrupt"),
-    }
-
-
 def check_refused(tmp_path, cases: dict) -> list[str]:
+    """Each case (blob, regex) must raise ValueError from read_artifact whose message matches regex."""
     failures = []
-    for case, (blob, word) in cases.items():
-        path = tmp_path / "bad.ptz"
+    path = tmp_path / "bad.ptz"
+    for case, (blob, pattern) in cases.items():
         path.write_bytes(blob)
         try:
             tg.read_artifact(str(path))
             failures.append(f"{case}: accepted")
         except ValueError as e:
-            if word not in str(e):
-                failures.append(f"{case}: message {str(e)[:120]!r} lacks {word!r}")
+            if not re.search(pattern, str(e)) or not str(e).startswith(str(path)):
+                failures.append(f"{case}: message {str(e)[:160]!r} does not match {pattern!r}")
         except Exception as e:  # noqa: BLE001 - anything else is a failure to report
-            failures.append(f"{case}: {type(e).__name__}: {str(e)[:120]}")
+            failures.append(f"{case}: {type(e).__name__}: {str(e)[:160]}")
     return failures
 
 
-@pytest.mark.parametrize("codec", tg.CODECS)
-def test_corrupt_artifacts_are_refused_with_clear_errors(quantized, tmp_path, codec):
-    """Bad magic/version/codec, truncation, flipped bytes and short/long tensor data raise a clear ValueError."""
-    if codec not in tg.available_codecs():
-        pytest.skip(f"{codec} not installed")
-    h, _, _, entries = quantized
-    small = {k: v for k, v in entries.items() if k.startswith("blocks.0.") or k == "tok_emb.weight"}
-    payload = tg.serialize(small, config_of(h), {}, "row")
-    failures = check_refused(tmp_path, corruptions(tg.pack(payload, codec), payload, codec))
+def test_corrupt_or_truncated_group_is_refused_naming_it(packed, tmp_path):
+    """For every group: a flipped byte inside its stream, or the file cut in the middle of it, raises a
+    ValueError naming that group."""
+    blob, report = packed("all")
+    spans = group_spans(blob)
+    assert sorted(spans) == sorted(report) and all(b - a == report[g]["bytes"] for g, (a, b) in spans.items())
+    cases = {}
+    for g, (a, b) in spans.items():
+        named = rf"group {re.escape(g)}[: ]"
+        cases[f"{g}: flipped byte"] = (_flip(blob, (a + b) // 2), named + r".*corrupt")
+        cases[f"{g}: flipped last byte"] = (_flip(blob, b - 1), named + r".*corrupt")
+        cases[f"{g}: truncated"] = (blob[:(a + b) // 2], named + r".*truncated")
+    failures = check_refused(tmp_path, cases)
     assert not failures, "\n".join(failures)
 
 
-def test_payload_with_inconsistent_header_is_a_clear_error(quantized, tmp_path):
-    """A checksum-valid payload too short for its own length field or JSON header: ValueError saying corrupt."""
-    h, _, _, entries = quantized
-    payload = tg.serialize({"tok_emb.weight": entries["tok_emb.weight"]}, config_of(h), {}, "row")
-    failures = check_refused(tmp_path, inconsistent_payloads(payload, "lzma"))
+def test_corrupt_header_and_container_are_refused_with_clear_errors(packed, tmp_path):
+    """Bad magic, empty file, wrong version, header CRC mismatch or truncation, trailing bytes, and a header
+    that names an unknown codec, a wrong raw length or a longer group: a clear ValueError."""
+    blob, _ = packed("all")
+    header, start = header_of(blob)
+    first = header["groups"][0][0]
+
+    def edited(fn):
+        h = copy.deepcopy(header)
+        fn(h["groups"][0])
+        return with_header(blob, h)
+
+    cases = {
+        "bad magic": (b"NOTPG" + blob[5:], "magic"),
+        "empty file": (b"", "magic"),
+        "cut inside the fixed header": (blob[:FIXED - 2], "magic"),
+        "wrong version": (blob[:5] + bytes([tg.ARTIFACT_VERSION + 1]) + blob[6:], rf"version {tg.ARTIFACT_VERSION + 1}"),
+        "old version 3": (blob[:5] + bytes([3]) + blob[6:], r"version 3, this script reads version 4"),
+        "flipped header byte": (_flip(blob, (FIXED + start) // 2), r"header .*corrupt"),
+        "flipped header checksum": (_flip(blob, FIXED - 1), r"header .*corrupt"),
+        "header length past the end": (blob[:6] + struct.pack("<I", len(blob)) + blob[10:], r"header .*truncated"),
+        "cut inside the header": (blob[:(FIXED + start) // 2], r"header .*truncated"),
+        "trailing bytes": (blob + b"\0\0", r"2 trailing bytes"),
+        "unknown codec": (edited(lambda g: g.__setitem__(1, "xz")), rf"group {re.escape(first)}: unknown codec 'xz'"),
+        "raw length off by one": (edited(lambda g: g.__setitem__(4, g[4] + 1)), rf"group {re.escape(first)}: checksum"),
+        "raw checksum wrong": (edited(lambda g: g.__setitem__(5, g[5] ^ 1)), rf"group {re.escape(first)}: checksum"),
+        "group longer than stored": (edited(lambda g: g.__setitem__(6, g[6] + 3)), rf"group {re.escape(first)}"),
+    }
+    failures = check_refused(tmp_path, cases)
     assert not failures, "\n".join(failures)
+    assert tg.unpack(with_header(blob, header))[2].keys() == tg.unpack(blob)[2].keys()  # the rewrite itself is sound
 
 
 # ---------------------------------------------------------------- atomic write
@@ -521,9 +992,10 @@ def test_write_atomic_failure_never_leaves_a_partial_final_file(tmp_path, monkey
 # ---------------------------------------------------------------- calibration
 
 def test_collect_hessians_are_xtx_of_every_quantized_matmul_input(monkeypatch):
-    """One symmetric PSD Hessian per quantized-matmul input (qkv, proj, fc, mlp.proj per layer), of the right
-    size, equal to X^T X of the inputs actually fed to those matrices, over GPTQ_CALIB_BATCHES batches."""
-    h = hparams(GPTQ_CALIB_BATCHES=3, VOCAB_SIZE=320)
+    """One symmetric PSD Hessian per quantized-matmul input (qkv, proj, fc, mlp.proj per layer, and the lm head
+    whose weight is the tied embedding), of the right size, equal to X^T X of the inputs actually fed to those
+    matrices, over GPTQ_CALIB_BATCHES batches."""
+    h = tiny_hparams(GPTQ_CALIB_BATCHES=3)
     model, ctx, n = random_model(h, noise=0.05), Ctx(), h.NUM_LAYERS
     seen = []
     real_linear = tg.F.linear
@@ -540,7 +1012,7 @@ def test_collect_hessians_are_xtx_of_every_quantized_matmul_input(monkeypatch):
     monkeypatch.undo()
     assert loader.calls == 3
     d, hid = h.MODEL_DIM, h.mlp_hidden
-    want = {}
+    want = {"tok_emb": (model.tok_emb.weight.data_ptr(), d)}
     for i in range(n):
         want[f"blocks.{i}.attn.qkv"] = (model.qo_bank[i].data_ptr(), d)
         want[f"blocks.{i}.attn.proj"] = (model.qo_bank[n + i].data_ptr(), d)
@@ -556,27 +1028,30 @@ def test_collect_hessians_are_xtx_of_every_quantized_matmul_input(monkeypatch):
         torch.testing.assert_close(H, H.T, rtol=1e-5, atol=1e-5)
         ev = torch.linalg.eigvalsh(H.double())
         assert ev.min() >= -1e-6 * ev.max(), key
-    for name in tg.unbank(model.state_dict(), n):  # every int6 matrix finds its Hessian
-        if tg.hessian_key(name) is not None:
-            assert tg.hessian_key(name) in hess
+    for name in tg.unbank(model.state_dict(), n):  # every GPTQ matrix finds its Hessian, under the same key
+        assert tg.hessian_key(name) == hess_key(name), name
+        if hess_key(name) is not None:
+            assert hess_key(name) in hess
 
 
 @pytest.mark.parametrize("now_ms", [2000.0, 2500.0])
 def test_calibration_at_or_past_the_deadline_collects_nothing(now_ms):
     """With the training clock at or past MAX_WALLCLOCK_SECONDS, no batch is taken and no Hessian returned;
     quantization then still works (plain rounding)."""
-    h = hparams(MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_BATCHES=5, VOCAB_SIZE=320)
+    h = tiny_hparams(MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_BATCHES=5)
     loader, ctx = RandomLoader(h.VOCAB_SIZE), Ctx()
     hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, FakeClock(now_ms))
     assert hess == {} and loader.calls == 0
     assert any(re.search(r"gptq:calibration end .* tokens:0 layers:0", m) for m in ctx.logs)
     entries = tg.quantize_state(random_model(h, noise=0.05), hess, h, ctx)
     assert sum(e["kind"] == "int6" for e in entries.values()) == 6 * h.NUM_LAYERS
+    assert entries["tok_emb.weight"]["kind"] == "int8"
+    assert "gptq:quantized 0 matrices with Hessians" in ctx.logs[-1]
 
 
 def test_calibration_near_the_deadline_does_not_overrun_it():
     """10 ms before the cap, with batches costing 100 ms, calibration takes no batch rather than overrun."""
-    h = hparams(MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_BATCHES=5, VOCAB_SIZE=320)
+    h = tiny_hparams(MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_BATCHES=5)
     clock = FakeClock(1990.0)
     loader = RandomLoader(h.VOCAB_SIZE, clock=clock, cost_ms=100.0)
     hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, Ctx(), clock)
@@ -585,19 +1060,19 @@ def test_calibration_near_the_deadline_does_not_overrun_it():
 
 def test_calibration_stops_before_the_deadline():
     """Batches costing 100 ms from t=450 ms with a 1 s cap: calibration stops without crossing 1000 ms."""
-    h = hparams(MAX_WALLCLOCK_SECONDS=1, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIB_BATCHES=100, VOCAB_SIZE=320)
+    h = tiny_hparams(MAX_WALLCLOCK_SECONDS=1, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIB_BATCHES=100)
     clock = FakeClock(450.0)
     loader, ctx = RandomLoader(h.VOCAB_SIZE, clock=clock, cost_ms=100.0), Ctx()
     hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, clock)
     assert clock.t <= 1000.0 and loader.calls >= 3, (clock.t, loader.calls)
-    assert len(hess) == 4 * h.NUM_LAYERS
+    assert len(hess) == 4 * h.NUM_LAYERS + 1  # + the lm head (tied embedding)
     assert any(f"tokens:{loader.calls * 128} " in m for m in ctx.logs)
 
 
 def test_calibration_leaves_time_for_the_gptq_solve():
     """With the solve estimated at 200 ms, calibration stops so that 1.25x the estimate still fits before the
     1 s cap; the same run with no estimate calibrates longer."""
-    h = hparams(MAX_WALLCLOCK_SECONDS=1, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIB_BATCHES=100, VOCAB_SIZE=320)
+    h = tiny_hparams(MAX_WALLCLOCK_SECONDS=1, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIB_BATCHES=100)
     ends = []
     for gptq_ms in (200.0, 0.0):
         clock = FakeClock(450.0)

@@ -4,7 +4,8 @@
 
 Measures the competition's per-rank training step (48 x 2048 tokens: forward, backward, optimizer),
 tokens/s, model FLOPs utilization, peak memory; sliding-window eval throughput; one TTT chunk;
-Hessian collection, GPTQ solve and compression. Projects the 8xH100 budgets from these numbers.
+Hessian collection, GPTQ solve, the artifact's per-group packing and each codec alone. Projects the
+8xH100 budgets from these numbers.
 Model shape comes from the usual env vars (defaults = the record configuration).
 """
 import argparse
@@ -116,11 +117,20 @@ def main():
         entries = tg.quantize_state(model, hess, h, ctx)
         ctx.sync()
     rows.append(("GPTQ solve, all matrices (s)", f"{time.perf_counter() - t:.2f}"))
-    payload = tg.serialize(entries, {k: getattr(h, k) for k in tg.MODEL_KEYS}, {}, "row")
+    # the artifact's per-group packing (every codec x transform per group, in threads), then each codec alone
+    # on every group (with the transform the full search chose), as a plan: its time and size
+    config = tg.model_config(h)
+    t = time.perf_counter()
+    blob, report = tg.pack(entries, config, {})
+    rows.append(("pack, best codec x transform per group (s / bytes, untrained weights)",
+                 f"{time.perf_counter() - t:.2f} / {len(blob):,}"))
     for codec in tg.available_codecs():
+        plan = {g: dict(r, codec=codec) for g, r in report.items()}
         t = time.perf_counter()
-        n = len(tg.pack(payload, codec))
-        rows.append((f"compress {codec} (s / bytes, untrained weights)", f"{time.perf_counter() - t:.1f} / {n:,}"))
+        n = len(tg.pack(entries, config, {}, plan)[0])
+        rows.append((f"compress {codec} (s / bytes, every group, untrained weights)", f"{time.perf_counter() - t:.2f} / {n:,}"))
+    rows.append(("per-group choice (codec/transform: bytes)",
+                 " ".join(f"{g}={r['codec']}/{r['transform']}: {r['bytes']:,}" for g, r in report.items())))
     head = [f"# train_gpt.py benchmark: {name}, {datetime.date.today()}",
             f"attention backend: {backend}; torch {torch.__version__}; per-rank batch {a.seqs}x{L}; "
             f"params {n_params:,}", "", "| measure | value |", "| --- | --- |"]
