@@ -1450,8 +1450,8 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
     ctx.sync()
     n_gptq = sum(len(v) for k, v in groups.items() if k in hessians)
     if log:
-        ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors in "
-                f"{time.perf_counter() - t0:.1f}s lqer:{lqer}")
+        ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors, lqer:{lqer} in "
+                f"{time.perf_counter() - t0:.1f}s")
     return entries
 
 

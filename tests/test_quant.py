@@ -113,8 +113,8 @@ def assert_entries_identical(a: dict, b: dict, with_cost: bool = False):
     for name in a:
         ea, eb = a[name], b[name]
         assert ea["kind"] == eb["kind"], name
-        fa, fb = (ea, eb) if with_cost else (stored(ea), stored(eb))
-        fa, fb = {f: t for f, t in fa.items() if f != "kind"}, {f: t for f, t in fb.items() if f != "kind"}
+        skip = ("kind",) if with_cost else NOT_STORED
+        fa, fb = ({f: t for f, t in x.items() if f not in skip} for x in (ea, eb))
         assert sorted(fa) == sorted(fb), name
         for f in fa:
             x, y = fa[f], fb[f]
@@ -217,8 +217,8 @@ def test_quantize_state_routes_every_tensor(calibrated, scheme):
     banked = {f"blocks.{i}.{slot}.weight" for i in range(h.NUM_LAYERS) for slot, _, _, _ in tg.BANK_SLOTS}
     for name, t in flat.items():
         e = entries[name]
-        want = ("int6" if name in banked else "int8" if name == "tok_emb.weight" or (t.dim() == 2 and t.numel() > tg.PASSTHROUGH_MAX)
-                else "fp16")
+        large = t.dim() == 2 and t.numel() > tg.PASSTHROUGH_MAX
+        want = "int6" if name in banked else "int8" if name == "tok_emb.weight" or large else "fp16"
         assert e["kind"] == want, name
         if want == "fp16":
             assert e["data"].dtype == torch.float16 and e["data"].shape == t.shape and sorted(e) == ["data", "kind"]
@@ -238,8 +238,8 @@ def test_quantize_state_routes_every_tensor(calibrated, scheme):
     q, s, groups = tg.gptq_quantize(W, H, 127, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
     assert torch.equal(entries["tok_emb.weight"]["q"], q) and torch.equal(bits(entries["tok_emb.weight"]["scale"]), bits(s))
     assert groups.numel() == 0 and not torch.equal(q, tg.quantize_rows(W, 127)[0])
-    assert re.fullmatch(rf"gptq:quantized {6 * h.NUM_LAYERS + 1} matrices with Hessians, {len(entries)} tensors in "
-                        r"[\d.]+s lqer:\[\]", log), log
+    assert re.fullmatch(rf"gptq:quantized {6 * h.NUM_LAYERS + 1} matrices with Hessians, {len(entries)} tensors, "
+                        r"lqer:\[\] in [\d.]+s", log), log
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -311,10 +311,12 @@ def test_container_roundtrips_every_scheme_exactly(scheme, packed, tmp_path, nam
                  else "q.other")
             values[g] = values.get(g, 0) + t.numel()
     assert {g: r["values"] for g, r in report.items()} == values
-    for g, r in report.items():
-        assert r["codec"] in tg.available_codecs() and r["transform"] in transform_family(r["transform"]), g
+    for g, r in report.items():  # 1-byte codes: row/col; 2-byte values: raw/shuffle
+        assert r["codec"] in tg.available_codecs(), g
+        assert r["transform"] in tg.TRANSFORMS[1 if g.startswith("q.") or g == "lqer" else 2], g
     header, start = header_of(blob)
-    assert [x[0] for x in header["groups"]] == sorted(report) and start + sum(r["bytes"] for r in report.values()) == len(blob)
+    assert [x[0] for x in header["groups"]] == sorted(report)
+    assert start + sum(r["bytes"] for r in report.values()) == len(blob)
     assert tg.pack(entries, config_of(h), META, report)[0] == blob
 
 
@@ -323,6 +325,7 @@ def test_every_codec_and_transform_roundtrips(scheme, forced):
     _, entries, _ = scheme("all")
     for (codec, i), (blob, report) in forced.items():
         assert {r["codec"] for r in report.values()} == {codec}
+        assert all(r["transform"] == transform_family(r["transform"])[i] for r in report.values())
         assert_entries_identical(entries, tg.unpack(blob)[2])
 
 
@@ -388,7 +391,7 @@ def strip(entries: dict, prefix: str) -> dict:
 def test_lqer_rank_0_and_awq_top_k_0_add_nothing(calibrated, scheme, packed):
     """LQER_RANK=0 (whatever LQER_TOP_K) and AWQ_LITE_GROUP_TOP_K=0 add no field and no group: the entries and
     the packed bytes are those of the scheme without them; LQER on top only adds its fields."""
-    h0, model, hess, _ = calibrated
+    _, model, hess, _ = calibrated
     _, seed, _ = scheme("seed")
     seed_blob, seed_report = packed("seed")
     assert not any(f.startswith(("lqer", "awq")) for e in seed.values() for f in e)
@@ -398,7 +401,9 @@ def test_lqer_rank_0_and_awq_top_k_0_add_nothing(calibrated, scheme, packed):
     ctx = Ctx()
     off = tg.quantize_state(model, hess, h, ctx)
     assert_entries_identical(seed, off, with_cost=True)
-    assert ctx.logs[-1].endswith("lqer:[]")
+    assert ", lqer:[] in " in ctx.logs[-1]
+    # records/tool.py's pattern still reads the line (count and seconds)
+    assert re.match(r"gptq:(quantized|calibrated|generated) (\d+) .*? in ([\d.]+)s$", ctx.logs[-1])
     assert tg.pack(off, config_of(h), META, seed_report)[0] == seed_blob
     _, lqer, _ = scheme("lqer")
     assert_entries_identical(seed, strip(lqer, "lqer"), with_cost=True)
@@ -684,7 +689,7 @@ def test_lqer_corrects_the_matrices_with_the_largest_error(calibrated, scheme, n
     _, _, _, state = calibrated
     h, entries, log = scheme(name)
     chosen = lqer_choice(entries, state, h.LQER_TOP_K)
-    assert log.endswith(f"lqer:{chosen}"), log
+    assert f", lqer:{chosen} in " in log, log
     for n, e in entries.items():
         assert ("lqer_a" in e) == (n in chosen), n
         if n not in chosen:
@@ -747,7 +752,8 @@ def test_fit_under_the_cap_keeps_the_smallest_stream_per_group_and_logs_the_head
     assert m, fit[0]
     left = cap - code - len(blob)
     assert int(m[1]) == left
-    bpw = 8 * (report["q.attn"]["bytes"] + report["q.mlp"]["bytes"]) / (report["q.attn"]["values"] + report["q.mlp"]["values"])
+    attn, mlp = report["q.attn"], report["q.mlp"]
+    bpw = 8 * (attn["bytes"] + mlp["bytes"]) / (attn["values"] + mlp["values"])
     assert m[2] == f"{bpw:.3f}" and int(m[3]) == int(8 * left / bpw)
     assert int(m[4]) == int(m[3]) // (2 * h.MODEL_DIM * h.NUM_LAYERS)
     path = tmp_path / "final.ptz"
@@ -803,7 +809,8 @@ def prune_sizes(fit_entries):
     h, hess, entries = fit_entries("all")
     blob, report = tg.pack(entries, config_of(h), {})
     order = tg.prune_order(entries)
-    return h, hess, entries, len(blob), len(tg.pack(tg.pruned(entries, order, len(order)), config_of(h), {}, report)[0]), report
+    full = tg.pack(tg.pruned(entries, order, len(order)), config_of(h), {}, report)[0]
+    return h, hess, entries, len(blob), len(full), report
 
 
 def test_over_cap_prunes_cheapest_pm1_codes_until_it_fits(prune_sizes):
