@@ -1586,7 +1586,10 @@ def unpack(blob: bytes, source: str = "artifact") -> tuple[dict, dict, dict]:
     pos = n + 9 + hlen
     if pos > len(blob) or zlib.crc32(blob[n + 9:pos]) != hcrc:
         raise ValueError(f"{source}: artifact header is truncated or corrupt (checksum mismatch)")
-    header = json.loads(lzma.decompress(blob[n + 9:pos]))
+    try:
+        header = json.loads(lzma.decompress(blob[n + 9:pos]))
+    except (lzma.LZMAError, ValueError) as e:
+        raise ValueError(f"{source}: artifact header does not decode ({e}): corrupt") from None
     entries = {name: {"kind": kind} for name, kind in header["kinds"].items()}
     for g, codec, transform, specs, raw_len, crc, length in header["groups"]:
         if codec not in CODECS:

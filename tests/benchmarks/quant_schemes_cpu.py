@@ -52,17 +52,22 @@ def hparams(data: Path, args, **over) -> tg.Hyperparameters:
     return tg.Hyperparameters(env | {k: str(v) for k, v in over.items()})
 
 
+def setup(data: Path, args):
+    """Settings, context, a fresh model, validation tokens and byte LUTs (TRAIN_SEQ_LEN == EVAL_SEQ_LEN)."""
+    h = hparams(data, args)
+    ctx = tg.Context(h)
+    sp = tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
+    luts = tg.build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device)
+    val = tg.load_validation_tokens(f"{data}/fineweb_val_*.bin", h.EVAL_SEQ_LEN, h.VOCAB_SIZE)
+    return h, ctx, tg.build_model(h, ctx), val, luts
+
+
 def train(data: Path, args, work: Path) -> dict:
     """The trained model's fp32 weights, cached: every scheme is compared on this one model."""
     ckpt = work / "trained.pt"
     if ckpt.exists():
         return torch.load(ckpt)
-    h = hparams(data, args)
-    ctx = tg.Context(h)
-    sp = tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
-    luts = tg.build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device)
-    val = tg.load_validation_tokens(f"{data}/fineweb_val_*.bin", h.TRAIN_SEQ_LEN, h.VOCAB_SIZE)
-    model = tg.build_model(h, ctx)
+    h, ctx, model, val, luts = setup(data, args)
     t0 = time.time()
     tg.train_model(model, h, ctx, val, luts)
     out = {"state": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
@@ -101,12 +106,7 @@ def evaluate(model, state: dict, h, ctx, val, luts) -> float:
 
 
 def sweep(trained: dict, data: Path, args) -> tuple[list[dict], float]:
-    h = hparams(data, args)
-    ctx = tg.Context(h)
-    sp = tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
-    luts = tg.build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device)
-    val = tg.load_validation_tokens(f"{data}/fineweb_val_*.bin", h.EVAL_SEQ_LEN, h.VOCAB_SIZE)
-    model = tg.build_model(h, ctx)
+    h, ctx, model, val, luts = setup(data, args)
     fp32 = evaluate(model, trained["state"], h, ctx, val, luts)
     h.MAX_WALLCLOCK_SECONDS = 0  # calibration is not timed here
     loader = tg.DistributedTokenLoader(f"{data}/fineweb_train_*.bin", 0, 1, ctx.device, h.VOCAB_SIZE, h.SEED)
