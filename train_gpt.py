@@ -109,7 +109,7 @@ HPARAMS = [
     ("MLP_CLIP_SIGMAS", float, 0.0),
     ("EMBED_CLIP_SIGMAS", float, 0.0),
     ("AWQ_LITE_GROUP_TOP_K", int, 0),
-    ("LQER_RANK", int, 0),
+    ("LQER_RANK", int, 4),
     ("LQER_TOP_K", int, 3),
     ("SIZE_CAP_BYTES", int, 16_000_000),
     ("ARTIFACT_PATH", str, "final_model.int6.ptz"),

@@ -44,7 +44,7 @@ class FakeClock:
 SHAPE = dict(MLP_MULT=4, BIGRAM_VOCAB_SIZE=1040, BIGRAM_DIM=64)
 SDCLIP = dict(ATTN_CLIP_SIGMAS=2.5, MLP_CLIP_SIGMAS=3.0, EMBED_CLIP_SIGMAS=3.5)
 SCHEMES = {
-    "seed": {},
+    "seed": dict(LQER_RANK=0),  # the seed's scheme: the defaults add LQER
     "sdclip": SDCLIP,
     "embed_int7": dict(EMBED_BITS=7),
     "matrix_int5": dict(MATRIX_BITS=5),
