@@ -121,7 +121,7 @@ def sweep(trained: dict, data: Path, args) -> tuple[list[dict], float]:
         hess = tg.collect_hessians(model, loader, h, ctx, clock)
     rows, budget = [], 0
     for i, (label, over) in enumerate(SCHEMES):
-        hs = hparams(data, args, **over)
+        hs = hparams(data, args, **(dict(LQER_RANK=0) | over))  # LQER only where the label says (a default now)
         model.load_state_dict(trained["state"], strict=True)
         t0 = time.time()
         with tg.fp32_matmuls():
@@ -161,8 +161,9 @@ def table(rows: list[dict], fp32: float, trained: dict, args) -> str:
              "search unless the label gives its k.", "",
              "| scheme | artifact bytes | one stream | gap val_bpb | gap at budget | frontier | seconds |",
              "|---|---|---|---|---|---|---|"]
+    fit = lambda g: "does not fit" if g == float("inf") else f"{g:+.5f}"
     lines += [f"| {r['label']}{' **(default)**' if r is best else ''} | {r['bytes']:,} | {r['one_stream']:,} | "
-              f"{r['gap']:+.5f} | {'does not fit' if r['fit_gap'] == float('inf') else format(r['fit_gap'], '+.5f')} | {'yes' if r in front else ''} | {r['secs']:.0f} |" for r in rows]
+              f"{r['gap']:+.5f} | {fit(r['fit_gap'])} | {'yes' if r in front else ''} | {r['secs']:.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
