@@ -1,4 +1,7 @@
 """End to end on CPU: train -> calibrate -> pack -> reload -> roundtrip, sliding and legal TTT."""
+import hashlib
+import importlib.util
+import json
 import os
 import re
 
@@ -49,18 +52,38 @@ def test_eval_artifact_reproduces_numbers(trained, tmp_path):
     assert a.dtype == np.float32 and np.array_equal(a, b) and (a > 0).all()
 
 
-def test_records_tool_reads_our_log(trained):
-    """records/tool.py parses a real log of this script: complete, with the legal metric and byte total."""
-    import importlib.util
+def records_tool():
     spec = importlib.util.spec_from_file_location("records_tool", ROOT / "records" / "tool.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_records_tool_reads_our_log(trained):
+    """records/tool.py parses a real log of this script: complete, with the legal metric and byte total."""
+    tool = records_tool()
     _, _, log = trained
     run = tool.parse_log(log)
     assert run["status"] == "complete", run.get("problems")
     assert run["legal_metric"]["name"] == "legal_ttt_exact"
     assert run["legal_metric"]["val_bpb"] == metric(log, "legal_ttt_exact")[1]
     assert run["sizes"]["total"] <= 16_000_000
+    assert run["env"]["source_sha256"] == hashlib.sha256((ROOT / "train_gpt.py").read_bytes()).hexdigest()
+
+
+def test_records_tool_packages_and_checks_a_real_log(trained, tmp_path, capsys):
+    """`new` on a real log: the script matches the log byte for byte, one configuration, every rule passes."""
+    tool = records_tool()
+    d, _, _ = trained
+    args = ["new", str(d / "logs" / "tiny.txt"), "--name", "tiny", "--author", "a", "--github-id", "a", "--date",
+            "2026-01-01", "--records-dir", str(tmp_path / "records"), "--top-level", str(tmp_path / "submission.json")]
+    assert tool.main(args) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASS  seed 7: the script source in the log is train_gpt.py" in out
+    assert "PASS  train_gpt.py needs nothing outside its folder" in out and "FAIL" not in out
+    sub = json.loads((tmp_path / "records" / "2026-01-01_tiny" / "submission.json").read_text())
+    assert sub["bytes_total"] == os.path.getsize(d / "final_model.int6.ptz") + os.path.getsize(ROOT / "train_gpt.py")
+    assert sub["compliance"]["score_first_ttt"] and not sub["compliance"]["three_seeds"]
 
 
 def test_benchmark_script_runs(tiny_tokenizer, tiny_data, tmp_path):

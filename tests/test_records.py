@@ -124,13 +124,33 @@ def reference_p(prev, new, margin):
 
 
 def test_welch_reproduces_published_numbers():
-    w = tool.welch(PR549, PR1019, margin=0.0)
+    w = tool.welch(PR549, PR1019, 0.0, 0.01)
     assert w["t"] == pytest.approx(11.8339, abs=1e-3) and w["df"] == pytest.approx(3.3063, abs=1e-3)
-    w = tool.welch(PR549, PR1019)  # the rule: at least 0.005 nats better
+    w = tool.welch(PR549, PR1019, 0.005, 0.01)  # the README's rule: at least 0.005 nats better
     t, df, p = reference_p(PR549, PR1019, 0.005)
-    assert w["delta_nats"] == pytest.approx(0.00784215, abs=1e-8)
+    assert w["delta"] == pytest.approx(0.00784215, abs=1e-8)
     assert (w["t"], w["df"], w["p"]) == pytest.approx((t, df, p), rel=1e-9)
     assert 0.009 < w["p"] < 0.01 and w["significant"]  # a close call, but it passes
+
+
+def seed_runs(bpb, loss=None):
+    return [{"legal_metric": {"val_bpb": b, "val_loss": v}} for b, v in zip(bpb, loss or [b / BPB_PER_NAT for b in bpb])]
+
+
+@pytest.mark.parametrize("prev,new,new_loss,published_p", [
+    # README leaderboard rows (PR #1902's chain): #1769 (5 seeds) vs #1736, "p=0.063"; #1514 vs #1493, "p=0.020"
+    ([1.06610, 1.06473, 1.06563], [1.06356801, 1.0641313, 1.06466993, 1.06509678, 1.06516558],
+     [2.32748105, 2.32871372, 2.32989245, 2.33082656, 2.33097712], 0.063),
+    ([1.08079, 1.08103, 1.08118], [1.07928348, 1.07996676, 1.08024795], [2.78790132, 2.78966630, 2.79039264], 0.020),
+])
+def test_progression_rule_reproduces_the_leaderboard_p_values(prev, new, new_loss, published_p):
+    tests = tool.significance(prev, seed_runs(new, new_loss))
+    assert round(tests["progression"]["p"], 3) == published_p and tests["progression"]["significant"]
+    assert tests["progression"]["margin"] == 0.0
+    # the README's rule would have rejected both accepted rows: its margin is 0.005 nats in the new record's bpb
+    bpb_per_nat = sum(b / v for b, v in zip(new, new_loss)) / len(new)
+    assert tests["readme"]["margin"] == pytest.approx(0.005 * bpb_per_nat, rel=1e-12)
+    assert tests["readme"]["p"] > 0.25 and not tests["readme"]["significant"]
 
 
 @pytest.mark.parametrize("prev,new,significant", [
@@ -140,14 +160,14 @@ def test_welch_reproduces_published_numbers():
     ([1.90, 1.91], [1.95, 1.96], False),                          # worse
 ])
 def test_welch_known_answers(prev, new, significant):
-    w = tool.welch(prev, new)
+    w = tool.welch(prev, new, 0.005, 0.01)
     t, df, p = reference_p(prev, new, 0.005)
     assert (w["t"], w["df"], w["p"]) == pytest.approx((t, df, p), rel=1e-6)
     assert w["significant"] is significant and (w["p"] < 0.01) is significant
 
 
 def test_welch_needs_two_seeds_each():
-    w = tool.welch([1.9], [1.8, 1.81])
+    w = tool.welch([1.9], [1.8, 1.81], 0.0, 0.25)
     assert not w["significant"] and w["p"] is None and "at least 2 seeds" in tool.welch_text(w)
 
 
@@ -156,12 +176,15 @@ CODE = b"# tiny stand-in for train_gpt.py\nprint('hi')\n" * 40
 
 
 def our_log(seed, loss, *, code=len(CODE), model=15_000_000, train_ms=590_123, calib_ms=598_000,
-            gptq_ms=599_100, eval_s=512.3, metric="legal_ttt_exact"):
+            gptq_ms=599_100, eval_s=512.3, metric="legal_ttt_exact", source=CODE, hparams=()):
     """A complete log in our format with the given outcome (few lines, same templates as the script)."""
-    bpb = loss * BPB_PER_NAT
-    lines = ["source = 1", RULE, "Running Python 3.11.7", "Running PyTorch 2.9.1+cu128",
+    bpb, sw = loss * BPB_PER_NAT, loss + 0.004
+    base = metric.removesuffix("_exact")
+    lines = [source.decode(), RULE, "Running Python 3.11.7", "Running PyTorch 2.9.1+cu128",
              "|   0  NVIDIA H100 80GB HBM3          On  |   00000000:18:00.0 Off |", RULE,
-             f"hparam:SEED={seed}", "hparam:TTT_ENABLED=1", "attention_backend:fa3", f"seed:{seed}",
+             f"hparam:RUN_ID=rec_seed{seed}", f"hparam:SEED={seed}", f"hparam:TTT_ENABLED={metric == 'legal_ttt_exact'}",
+             *hparams,
+             "attention_backend:fa3", f"seed:{seed}",
              "gptq:reserving 10000ms from training budget, effective=590000ms",
              "step:0/20000 val_loss:6.9310 val_bpb:4.1049 train_time:0ms step_avg:0.01ms",
              "step:1/20000 train_loss:6.9320 train_time:131ms step_avg:131.00ms tok_s:6003300",
@@ -172,9 +195,13 @@ def our_log(seed, loss, *, code=len(CODE), model=15_000_000, train_ms=590_123, c
              f"gptq:calibration start train_time:{train_ms}ms",
              f"gptq:calibration end train_time:{calib_ms}ms tokens:50331648 layers:66 elapsed:7.9s",
              "gptq:quantized 66 matrices in 12.0s", f"gptq:done train_time:{gptq_ms}ms",
-             f"Serialized model int6+lzma: {model} bytes", f"Code size: {code} bytes",
-             f"Total submission size int6+lzma: {model + code} bytes",
-             f"final_int6_sliding_window_exact val_loss:{loss + 0.004:.8f} val_bpb:{(loss + 0.004) * BPB_PER_NAT:.8f}",
+             f"Serialized model int6+pergroup: {model} bytes", f"Code size: {code} bytes",
+             f"Total submission size int6+pergroup: {model + code} bytes",
+             "final_int6_roundtrip val_loss:1.9200 val_bpb:1.1371 eval_time:7000ms",
+             "final_int6_roundtrip_exact val_loss:1.92000000 val_bpb:1.13712000",
+             f"final_int6_sliding_window val_loss:{sw:.4f} val_bpb:{sw * BPB_PER_NAT:.4f} stride:64 eval_time:80000ms",
+             f"final_int6_sliding_window_exact val_loss:{sw:.8f} val_bpb:{sw * BPB_PER_NAT:.8f}",
+             f"{base} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:400000ms",
              f"{metric} val_loss:{loss:.8f} val_bpb:{bpb:.8f}", f"final_eval_time:{eval_s:.1f}s budget:600s"]
     return "\n".join(lines) + "\n"
 
@@ -200,13 +227,18 @@ def project(tmp_path):
     return tmp_path
 
 
-def new_record(project, losses, name="Better Model", **kw):
+def new_record(project, losses, name="Better Model", rule=(), script=None, **kw):
     logs = make_logs(project, "runs_" + name.replace(" ", ""), losses, **kw)
     args = ["new", *logs, "--name", name, "--author", "A. Golfer", "--github-id", "agolfer", "--date", "2026-02-02",
-            "--blurb", "Blurb.", "--script", str(project / "train_gpt.py"), "--records-dir", str(project / "records"),
-            "--top-level", str(project / "submission.json"), "--against", str(project / "records" / "2026-01-01_Prev")]
+            "--blurb", "Blurb.", "--script", str(script or project / "train_gpt.py"), "--records-dir",
+            str(project / "records"), "--top-level", str(project / "submission.json"),
+            "--against", str(project / "records" / "2026-01-01_Prev"), *rule]
     rc = tool.main(args)
     return rc, project / "records" / f"2026-02-02_{name.replace(' ', '_')}"
+
+
+def lines(out, level):
+    return [line for line in out.splitlines() if line.startswith(level)]
 
 
 def test_new_creates_record_and_check_passes(project, capsys):
@@ -221,17 +253,49 @@ def test_new_creates_record_and_check_passes(project, capsys):
     bpbs = [x * BPB_PER_NAT for x in better]
     assert sub["val_bpb"] == pytest.approx(sum(bpbs) / 3, abs=1e-8)
     assert sub["val_bpb_std"] == pytest.approx(stats.tstd(bpbs), abs=1e-8)
-    assert sub["seed_results"]["42"]["val_loss"] == pytest.approx(better[1], abs=1e-8)
+    assert sub["seed_results"]["42"] == {
+        "val_loss": pytest.approx(better[1], abs=1e-8), "val_bpb": pytest.approx(bpbs[1], abs=1e-8),
+        "artifact_bytes": 15_000_000 + len(CODE), "model_bytes": 15_000_000, "code_bytes": len(CODE), "steps": 6800,
+        "step_avg_ms": 86.78, "train_time_ms": 590_123, "eval_time_s": 512.3}
     assert sub["bytes_total"] == 15_000_000 + len(CODE) and sub["seeds"] == [1337, 42, 2025]
-    assert (sub["name"], sub["author"], sub["github_id"], sub["date"], sub["metric"]) == (
-        "Better Model", "A. Golfer", "agolfer", "2026-02-02", "legal_ttt_exact")
+    assert (sub["name"], sub["author"], sub["github_id"], sub["date"], sub["metric"], sub["track"]) == (
+        "Better Model", "A. Golfer", "agolfer", "2026-02-02", "legal_ttt_exact", "10min_16mb")
     assert sub["hardware"] == "1×NVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.9.1+cu128"
-    assert sub["delta_vs_baseline_nats"] == pytest.approx(-0.012, abs=1e-8) and sub["p_value"] < 0.01
+    assert sub["compliance"] == {"artifact_under_16mb": True, "train_under_600s": True,
+                                 "gptq_calibration_under_600s": True, "eval_under_600s": True, "score_first_ttt": True,
+                                 "logs_complete": True, "same_config_all_seeds": True, "code_bytes_match_logs": True,
+                                 "three_seeds": True}
+    sig = sub["significance"]
+    assert sub["delta_vs_baseline_bpb"] == pytest.approx(-0.012 * BPB_PER_NAT, abs=1e-8)
+    assert sig["rule_applied"] == "progression" and sig["progression"]["passed"] and sig["readme"]["passed"]
+    assert sig["readme"]["p"] < 0.01 and sig["progression"]["p"] < sig["readme"]["p"]
     readme = (folder / "README.md").read_text()
-    assert "| 42 | 6,800 |" in readme and f"{sub['val_bpb']:.8f}" in readme
+    assert "| 42 | 6,800 |" in readme and f"{sub['val_bpb']:.8f}" in readme and "progression rule" in readme
     top = json.loads((project / "submission.json").read_text())
     assert top["record"] == "records/2026-02-02_Better_Model" and top["val_bpb"] == sub["val_bpb"]
     assert "RESULT: PASS" in out and "p=" in out and "t=" in out and "df=" in out
+    assert lines(out, "WARN") == [] and lines(out, "FAIL") == []
+
+
+def test_check_reports_both_rules_and_applies_the_one_in_force(project, capsys):
+    """0.003 nats better and tight: enough for the organizers' p < 0.25 chain, not for the README's margin."""
+    rc, folder = new_record(project, [x - 0.003 for x in PR549])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    applied = [x for x in lines(out, "PASS") if "progression rule" in x]
+    assert len(applied) == 1 and "APPLIED, default: the rule in force" in applied[0] and "need p < 0.25" in applied[0]
+    info = lines(out, "INFO")
+    assert len(info) == 1 and "readme rule" in info[0] and "not applied" in info[0] and "need p < 0.01" in info[0]
+    against = ["check", str(folder), "--against", str(project / "records" / "2026-01-01_Prev")]
+    assert tool.main([*against, "--rule", "readme"]) == 1
+    out = capsys.readouterr().out
+    assert any("readme rule" in x and "APPLIED, chosen with --rule" in x for x in lines(out, "FAIL"))
+    assert any("progression rule" in x and "not applied" in x for x in lines(out, "INFO"))
+    assert tool.main([*against, "--rule", "systems"]) == 0
+    out = capsys.readouterr().out
+    assert len(lines(out, "INFO")) == 2 and any("waived for a systems-only change" in x for x in lines(out, "WARN"))
+    rc, folder = new_record(project, [x + 0.001 for x in PR549], name="Worse")  # worse fails even the lenient rule
+    assert rc == 1 and any("progression rule" in x for x in lines(capsys.readouterr().out, "FAIL"))
 
 
 def test_check_warns_on_last_step_just_past_600s(project, capsys):
@@ -248,19 +312,22 @@ def test_check_warns_when_the_gptq_solve_ends_past_600s(project, capsys):
     assert "PASS  seed 42: GPTQ calibration ended at 598000 ms" in out
 
 
-@pytest.mark.parametrize("kw,losses,reason", [
-    ({}, [x - 0.003 for x in PR549], "Welch"),                             # better, but not by 0.005 nats
-    ({"model": 16_000_001 - len(CODE)}, None, "total 16000001 bytes <= 16,000,000"),
-    ({"code": len(CODE) + 1}, None, "logged code size"),
-    ({"train_ms": 601_150}, None, "training ended at 601150 ms"),
-    ({"calib_ms": 600_200}, None, "GPTQ calibration ended at 600200 ms"),
-    ({"eval_s": 600.4}, None, "evaluation 600.4 s <= 600 s"),
+@pytest.mark.parametrize("kw,losses,reason,fact", [
+    ({"rule": ["--rule", "readme"]}, [x - 0.003 for x in PR549], "readme rule", ("significance", "readme", "passed")),
+    ({"model": 16_000_001 - len(CODE)}, None, "total 16000001 bytes <= 16,000,000", ("compliance", "artifact_under_16mb")),
+    ({"train_ms": 601_150}, None, "training ended at 601150 ms", ("compliance", "train_under_600s")),
+    ({"calib_ms": 600_200}, None, "GPTQ calibration ended at 600200 ms", ("compliance", "gptq_calibration_under_600s")),
+    ({"eval_s": 600.4}, None, "evaluation 600.4 s <= 600 s", ("compliance", "eval_under_600s")),
 ])
-def test_check_fails_rule(project, capsys, kw, losses, reason):
+def test_check_fails_rule(project, capsys, kw, losses, reason, fact):
     rc, folder = new_record(project, losses or [x - 0.012 for x in PR549], **kw)
     out = capsys.readouterr().out
     assert rc == 1 and "RESULT: FAIL" in out
-    assert any(line.startswith("FAIL") and reason in line for line in out.splitlines()), out
+    assert any(reason in line for line in lines(out, "FAIL")), out
+    value = json.loads((folder / "submission.json").read_text())  # submission.json states the failure too
+    for key in fact:
+        value = value[key]
+    assert value is False
 
 
 def test_check_catches_edited_folder(project, capsys):
@@ -268,15 +335,18 @@ def test_check_catches_edited_folder(project, capsys):
     assert rc == 0
     sub = json.loads((folder / "submission.json").read_text())
     sub["val_bpb"] -= 0.001  # e.g. claiming a non-legal number
+    sub["compliance"]["eval_under_600s"] = False
     (folder / "submission.json").write_text(json.dumps(sub))
     (folder / "train_seed7.log").write_text((folder / "train_seed42.log").read_text())  # duplicate seed
     (folder / "train_gpt.py").write_bytes(CODE + b"\n")
     capsys.readouterr()
     assert tool.main(["check", str(folder)]) == 1
-    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
+    fails = lines(capsys.readouterr().out, "FAIL")
     assert any("seeds distinct: [1337, 2025, 42, 42]" in f for f in fails)
     assert any("submission.json val_bpb" in f for f in fails)
-    assert any("logged code size" in f for f in fails)
+    assert any("logged code size" in f for f in fails) and any("the script source in the log is" in f for f in fails)
+    assert any("compliance matches the logs (claims {'eval_under_600s': False, 'code_bytes_match_logs': True}, "
+               "the logs say {'eval_under_600s': True, 'code_bytes_match_logs': False})" in f for f in fails)
 
 
 def test_check_fails_on_truncated_seed_log_and_unknown_metric_warns(project, capsys):
@@ -291,18 +361,99 @@ def test_check_fails_on_truncated_seed_log_and_unknown_metric_warns(project, cap
     assert "WARN  seed 42: metric names not in the allowed list" in out
 
 
-def test_new_refuses_bad_inputs(project):
-    logs = make_logs(project, "dup", [1.88, 1.881], seeds=(5, 5))
-    base = ["--name", "X", "--author", "a", "--github-id", "a", "--script", str(project / "train_gpt.py"),
-            "--records-dir", str(project / "records"), "--top-level", str(project / "submission.json")]
-    with pytest.raises(SystemExit, match="own seed"):
+def test_check_needs_nothing_outside_the_folder(project, capsys):
+    """An import that resolves to the repository around the folder fails; a helper in the folder is a warning
+    (its bytes are not in the logged code size); the standard library and installed packages pass."""
+    script = b"import json, numpy\nimport importlib\nimport mylib\nfrom helper import f\nimportlib.import_module('plugins.x')\n"
+    (project / "mylib.py").write_text("X = 1\n")
+    (project / "plugins").mkdir()
+    (project / "plugins" / "x.py").write_text("")
+    (project / "my_script.py").write_bytes(script)
+    rc, folder = new_record(project, [x - 0.012 for x in PR549], script=project / "my_script.py",
+                            code=len(script), source=script)
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    fail = [x for x in lines(out, "FAIL") if "needs nothing outside its folder" in x]
+    assert fail == [f"FAIL  train_gpt.py needs nothing outside its folder (imports from the repository: "
+                    f"mylib ({project / 'mylib.py'}), plugins ({project / 'plugins'}))"]
+    (folder / "helper.py").write_text("import data.build\n")  # a helper that reaches out again
+    (project / "data").mkdir()
+    (project / "data" / "build.py").write_text("")
+    assert tool.main(["check", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "data (" in next(x for x in lines(out, "FAIL") if "needs nothing outside" in x)
+    assert any("imports helpers from its folder (helper.py, 18 bytes)" in x for x in lines(out, "WARN"))
+
+
+def test_our_train_gpt_needs_nothing_outside_its_folder(tmp_path):
+    """The repo's train_gpt.py, placed as a record next to the rest of this repository, imports none of it."""
+    folder = tmp_path / "records" / "track_10min_16mb" / "x"
+    folder.mkdir(parents=True)
+    (folder / "train_gpt.py").write_bytes((ROOT / "train_gpt.py").read_bytes())
+    for name in ("data", "tests", "records"):
+        for f in (ROOT / name).glob("*.py"):
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f.name).write_bytes(f.read_bytes())
+            (tmp_path / f.name).write_bytes(f.read_bytes())  # as if each were importable from the root too
+    assert tool.folder_imports(folder) == ([], [])
+    assert {"numpy", "torch", "sentencepiece", "zstandard", "brotli"} <= tool._imports(folder / "train_gpt.py")
+
+
+NEW_ARGS = ["--name", "X", "--author", "a", "--github-id", "a"]
+
+
+def refuse(project, logs, match, script=None):
+    base = [*NEW_ARGS, "--script", str(script or project / "train_gpt.py"), "--records-dir", str(project / "records"),
+            "--top-level", str(project / "submission.json")]
+    before = sorted((project / "records").iterdir())
+    with pytest.raises(SystemExit, match=match) as e:
         tool.main(["new", *logs, *base])
-    with pytest.raises(SystemExit, match="incomplete"):
-        tool.main(["new", str(FIX / "ours_truncated.txt"), *base])
-    (no_total := project / "no_total.txt").write_text(
-        "".join(line for line in our_log(9, 1.88).splitlines(True) if not line.startswith("Total")))
-    with pytest.raises(SystemExit, match="no 'Total submission size' line"):
-        tool.main(["new", str(no_total), *base])
+    assert sorted((project / "records").iterdir()) == before  # nothing written
+    return str(e.value)
+
+
+def test_new_refuses_bad_inputs(project):
+    refuse(project, make_logs(project, "dup", [1.88, 1.881], seeds=(5, 5)), "own seed")
+    refuse(project, [str(FIX / "ours_truncated.txt")], "incomplete")
+
+
+def test_new_refuses_seeds_with_different_configurations(project):
+    """#2124: a record's seeds are one configuration. Seed, run id and output paths may differ; nothing else."""
+    a = make_logs(project, "a", [1.88], seeds=(1,), hparams=["hparam:MATRIX_LR=0.025", "hparam:ARTIFACT_PATH=a.ptz"])
+    b = make_logs(project, "b", [1.881], seeds=(2,), hparams=["hparam:MATRIX_LR=0.03", "hparam:ARTIFACT_PATH=b.ptz"])
+    msg = refuse(project, a + b, "different configurations")
+    assert "MATRIX_LR: 0.025 in run_1.txt, 0.03 in run_2.txt" in msg and "ARTIFACT_PATH" not in msg
+    c = make_logs(project, "c", [1.881], seeds=(3,), hparams=["hparam:MATRIX_LR=0.025"], source=CODE[:-1] + b"#")
+    assert "script source (sha256)" in refuse(project, a + c, "different configurations")
+
+
+def test_new_refuses_a_log_without_its_final_lines(project):
+    full = our_log(9, 1.88)
+    cut = {"no_end.txt": full.rsplit("final_eval_time", 1)[0],                   # the last line is gone
+           "mid_metric.txt": full.rsplit("legal_ttt_exact", 1)[0],               # cut between a metric's two lines
+           "no_ttt.txt": full.split("legal_ttt ")[0] + "final_eval_time:300.0s budget:600s\n"}
+    for name, text in cut.items():
+        (project / name).write_text(text)
+    msg = refuse(project, [str(project / n) for n in cut], "incomplete runs")
+    assert "no_end.txt: truncated (no final_eval_time line)" in msg
+    assert "mid_metric.txt: truncated (legal_ttt has no legal_ttt_exact line; no legal_ttt_exact line" in msg
+    assert "no_ttt.txt: truncated (no legal_ttt_exact line)" in msg  # TTT_ENABLED=True promised it
+    lineage = (FIX / "lineage_sliding.log").read_text() + "legal_ttt val_loss:1.8700 val_bpb:1.1075 eval_time:400000ms\n"
+    (project / "lineage_cut.log").write_text(lineage)
+    assert "legal_ttt has no legal_ttt_exact line" in refuse(project, [str(project / "lineage_cut.log")], "incomplete")
+
+
+def test_new_refuses_logs_whose_bytes_do_not_match_the_script(project):
+    """#1835: the byte total is recomputed from the script file; the log must agree with it byte for byte."""
+    wrong_size = make_logs(project, "size", [1.88], code=len(CODE) + 1)
+    assert f"logged code size {len(CODE) + 1} == " in refuse(project, wrong_size, "--script must be the file that ran")
+    other = CODE[:-1] + b"#"  # same size, other content
+    assert "the script source in the log is" in refuse(project, make_logs(project, "src", [1.88], source=other),
+                                                       "do not match")
+    (edited := project / "edited.txt").write_text(our_log(9, 1.88).replace("Total submission size int6+pergroup: ",
+                                                                          "Total submission size int6+pergroup: 1"))
+    assert f"compressed model 15000000 + code {len(CODE)} == logged total 1" in refuse(project, [str(edited)],
+                                                                                          "do not match")
 
 
 # -------------------------------------------------------------------------------- compare
