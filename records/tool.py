@@ -570,7 +570,8 @@ def _check_folder(folder: Path, runs: list[dict], add) -> None:
     try:
         outside, helpers = folder_imports(folder)
     except SyntaxError as e:
-        return add(False, f"could not read train_gpt.py's imports with Python {sys.version.split()[0]}: {e}", warn=True)
+        add(False, f"could not read train_gpt.py's imports with Python {sys.version.split()[0]}: {e}", warn=True)
+        return
     add(not outside, "train_gpt.py needs nothing outside its folder"
         + (f" (imports from the repository: {', '.join(outside)})" if outside else ""))
     if helpers:

@@ -339,14 +339,19 @@ def test_check_catches_edited_folder(project, capsys):
     (folder / "submission.json").write_text(json.dumps(sub))
     (folder / "train_seed7.log").write_text((folder / "train_seed42.log").read_text())  # duplicate seed
     (folder / "train_gpt.py").write_bytes(CODE + b"\n")
+    log = folder / "train_seed2025.log"
+    log.write_text(log.read_text().replace("hparam:SEED=2025", "hparam:SEED=2025\nhparam:MATRIX_LR=0.03"))
     capsys.readouterr()
     assert tool.main(["check", str(folder)]) == 1
     fails = lines(capsys.readouterr().out, "FAIL")
     assert any("seeds distinct: [1337, 2025, 42, 42]" in f for f in fails)
     assert any("submission.json val_bpb" in f for f in fails)
     assert any("logged code size" in f for f in fails) and any("the script source in the log is" in f for f in fails)
-    assert any("compliance matches the logs (claims {'eval_under_600s': False, 'code_bytes_match_logs': True}, "
-               "the logs say {'eval_under_600s': True, 'code_bytes_match_logs': False})" in f for f in fails)
+    assert any("all seeds ran one configuration (differs: MATRIX_LR: None in train_seed1337.log, 0.03 in "
+               "train_seed2025.log)" in f for f in fails)
+    assert any("compliance matches the logs (claims {'eval_under_600s': False, 'same_config_all_seeds': True, "
+               "'code_bytes_match_logs': True}, the logs say {'eval_under_600s': True, 'same_config_all_seeds': False, "
+               "'code_bytes_match_logs': False})" in f for f in fails)
 
 
 def test_check_fails_on_truncated_seed_log_and_unknown_metric_warns(project, capsys):
