@@ -1405,19 +1405,24 @@ def dequantize_entry(e: dict) -> Tensor:
     return W + lqer_product(e) if "lqer_a" in e else W
 
 
+def tensor_class(name: str) -> str:
+    return "embed" if name == "tok_emb.weight" else "attn" if ".attn." in name else "mlp" if ".mlp." in name else "other"
+
+
 def quant_spec(name: str, h: Hyperparameters) -> tuple[int, float, int]:
     """(bits, SDClip sigmas, AWQ-lite groups) of a matrix quantized with a Hessian, by tensor class."""
-    if name == "tok_emb.weight":
+    cls = tensor_class(name)
+    if cls == "embed":
         return h.EMBED_BITS, h.EMBED_CLIP_SIGMAS, 0
-    return h.MATRIX_BITS, h.ATTN_CLIP_SIGMAS if ".attn." in name else h.MLP_CLIP_SIGMAS, h.AWQ_LITE_GROUP_TOP_K
+    return h.MATRIX_BITS, h.ATTN_CLIP_SIGMAS if cls == "attn" else h.MLP_CLIP_SIGMAS, h.AWQ_LITE_GROUP_TOP_K
 
 
 def add_lqer(entries: dict, state: dict, rank: int, top_k: int) -> list[str]:
     """LQER on the top_k Hessian-quantized matrices by quantization error norm (as PR #1855 picks them)."""
-    norm = {n: (state[n] - dequantize_entry(e)).norm().item() for n, e in entries.items() if "cost" in e}
-    top = sorted(norm, key=lambda n: (-norm[n], n))[:top_k]
+    err = {n: state[n] - dequantize_entry(e) for n, e in entries.items() if "cost" in e}
+    top = sorted(err, key=lambda n: (-err[n].norm().item(), n))[:top_k]
     for n in top:
-        entries[n].update(lqer_factors(state[n] - dequantize_entry(entries[n]), rank))
+        entries[n].update(lqer_factors(err[n], rank))
     return top
 
 
@@ -1513,8 +1518,7 @@ def available_codecs() -> list[str]:
 def tensor_group(name: str, field: str, t: Tensor) -> str:
     """Integer codes by tensor class (their statistics differ), LQER codes, scales, fp16 weights."""
     if field == "q":
-        return "q." + ("embed" if name == "tok_emb.weight" else "attn" if ".attn." in name
-                       else "mlp" if ".mlp." in name else "other")
+        return "q." + tensor_class(name)
     return "lqer" if t.dtype == torch.int8 else "fp16" if field == "data" else "scales"
 
 

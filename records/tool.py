@@ -334,9 +334,9 @@ def _imports(src: Path) -> set[str]:
 def folder_imports(folder: Path) -> tuple[list[str], list[Path]]:
     """Modules train_gpt.py (and the helpers it imports from its folder) would take from the repository around
     the folder, and those helpers. Anything else is the standard library or an installed package."""
-    parts = folder.resolve().parts
-    root = Path(*parts[:len(parts) - 1 - parts[::-1].index("records")]) if "records" in parts else folder.resolve().parent
-    around = [d for d in folder.resolve().parents if d == root or root in d.parents]
+    up = folder.resolve().parents
+    root = next((d.parent for d in up if d.name == "records"), up[0])  # the repository holding records/
+    around = [d for d in up if d == root or root in d.parents]
     outside, helpers, todo, seen = [], [], [folder / "train_gpt.py"], set(sys.stdlib_module_names)
     while todo:
         for name in sorted(_imports(todo.pop()) - seen):
@@ -357,7 +357,7 @@ def _total(r: dict, code_bytes: int) -> int | None:
 def compliance(runs: list[dict], code_bytes: int) -> dict:
     """The compliance facts a log can prove, recomputed by `check`."""
     calib = [r["calibration_end_ms"] for r in runs if "calibration_end_ms" in r]
-    return {"artifact_under_16mb": all((_total(r, code_bytes) or MAX_BYTES + 1) <= MAX_BYTES for r in runs),
+    return {"artifact_under_16mb": all((t := _total(r, code_bytes)) is not None and t <= MAX_BYTES for r in runs),
             "train_under_600s": all(r["train_time_ms"] is not None and r["train_time_ms"] <= TRAIN_BUDGET_MS for r in runs),
             "gptq_calibration_under_600s": all(c <= TRAIN_BUDGET_MS for c in calib) if calib else None,
             "eval_under_600s": all(r.get("eval_time_s") is not None and r["eval_time_s"] <= EVAL_BUDGET_S for r in runs),
