@@ -100,6 +100,21 @@ FRONTIER = dict(NUM_LAYERS=5, VE_LAYERS="3,4", NUM_LOOPS=2, LOOP_START=1, LOOP_E
                 MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1)
 
 
+def count_params_from_shapes(h) -> int:
+    """The model's parameter count computed from the architecture's shapes (a cross-check of tg.GPT)."""
+    d, n, kvd, hid, gate = h.MODEL_DIM, h.NUM_LAYERS, h.NUM_KV_HEADS * h.head_dim, h.mlp_hidden, 12
+    total = h.VOCAB_SIZE * d + 2 * n * d * d + 2 * n * kvd * d + 2 * n * hid * d
+    total += n * (4 * d + h.NUM_HEADS) + h.n_skips * d * (2 if h.SKIP_GATES_ENABLED else 1)
+    total += {"static": d, "bos": gate + 1, "off": 0}[h.SMEAR_GATE]
+    total += n * h.NUM_HEADS * gate if h.SPARSE_ATTN_GATE_ENABLED else 0
+    total += (n - h.PARALLEL_START_LAYER) * 6 if h.PARALLEL_START_LAYER else 0
+    if h.BIGRAM_VOCAB_SIZE:
+        total += h.BIGRAM_VOCAB_SIZE * h.BIGRAM_DIM + h.BIGRAM_DIM * d + 1
+    if h.ve_layers:
+        total += h.VOCAB_SIZE * h.VE_DIM + h.VE_DIM * kvd + 1 + len(h.ve_layers)
+    return total
+
+
 def tiny_hparams(**over):
     """The tiny configuration as Hyperparameters, for tests that build models without files."""
     import train_gpt as tg

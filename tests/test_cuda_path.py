@@ -195,9 +195,9 @@ def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, *
     if syncs:
         ctx.sync = syncs.bump
         with syncs:
-            tg.train_model(tg.build_model(h, ctx), h, ctx, val, luts)
+            tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, luts)
     else:
-        tg.train_model(tg.build_model(h, ctx), h, ctx, val, luts)
+        tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, luts)
     return marks, lrs, (tmp_path / "logs" / f"{h.RUN_ID}.txt").read_text().split("=" * 100)[-1]
 
 
@@ -215,7 +215,6 @@ def test_wallclock_stop_and_lr_follow_the_agreed_clock(tiny_tokenizer, tiny_data
     at step 15; the LR between readings extrapolates the agreed time (warmdown 4 steps = 400 ms)."""
     StepClock.steps[0] = 0
     monkeypatch.setattr(tg, "Clock", StepClock)
-    monkeypatch.setattr(tg, "estimate_gptq_ms", lambda *a: 0.0)
     _, lrs, log = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=4,
                          MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, TRAIN_LOG_EVERY=0)
     assert lrs == pytest.approx([1.0] * 12 + [0.75, 0.5, 0.25])
@@ -224,9 +223,22 @@ def test_wallclock_stop_and_lr_follow_the_agreed_clock(tiny_tokenizer, tiny_data
 
 
 @pytest.mark.parametrize("step, elapsed, want", [(10, 1000.0, 15), (10, 500.0, 100), (20, 1600.0, 20), (20, 1520.0, 20)])
-def test_planned_stop(step, elapsed, want):
-    assert tg.planned_stop(step, elapsed, 1500.0, 100) == want
-    assert tg.planned_stop(step, elapsed, 0.0, 100) == 100  # no cap
+def test_budget_plans_the_stop_from_the_agreed_clock(step, elapsed, want):
+    """A 2 s cap less a 0.5 s reserve: the stop is planned once the end is under CLOCK_SYNC_EVERY steps away."""
+    capped = tg.Budget(hparams(ITERATIONS=100, MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5))
+    capped.agree(step, elapsed)
+    assert capped.stop_at == want and capped.elapsed(2 * step) == 2 * elapsed
+    uncapped = tg.Budget(hparams(ITERATIONS=100, MAX_WALLCLOCK_SECONDS=0))
+    uncapped.agree(step, elapsed)
+    assert uncapped.stop_at == 100 and uncapped.calibration_deadline() == float("inf")
+
+
+def test_budget_deadlines_and_cap():
+    h = hparams(MAX_WALLCLOCK_SECONDS=600, GPTQ_RESERVE_SECONDS=12)
+    b = tg.Budget(h, gptq_ms=8000.0)
+    assert b.train_ms == 588_000 and b.calibration_deadline() == 600_000 - tg.GPTQ_SOLVE_MARGIN * 8000
+    assert b.over_cap(599_999.0) == 0 and b.over_cap(600_250.0) == 250.0
+    assert tg.Budget(hparams(MAX_WALLCLOCK_SECONDS=0)).over_cap(1e9) == 0
 
 
 # ---------------------------------------------------------------- bf16 residual stream
@@ -265,13 +277,14 @@ def _muon_worker(rank, world, port, comm_dtype, out):
 
         setattr(dist, name, spy)
     banks, grads = _muon_problem()
-    muon = tg.ParallelMuon(banks, hparams(), rank, world, comm_dtype)
+    h = hparams()
+    muon = tg.ParallelMuon(banks, h, world, comm_dtype)
     for g in grads:
         for b, gb in zip(banks, g[rank]):
             b.grad = gb.clone()
         muon.launch_reduce()
         muon.finish_reduce()
-        muon.step(0.95, torch.tensor(1.0))
+        muon.step(h.MATRIX_LR, 0.95, torch.tensor(1.0))
     if rank == 0:
         torch.save({"banks": [b.detach() for b in banks], "seen": seen}, out)
     dist.barrier()
@@ -296,13 +309,14 @@ def test_muon_collectives_are_bf16_async_and_match_one_rank(tmp_path):
         ("all_gather_into_tensor", torch.bfloat16, torch.bfloat16, True)}
     banks, grads = _muon_problem()
     start = [b.detach().clone() for b in banks]
-    muon = tg.ParallelMuon(banks, hparams(), 0, 1)
+    h = hparams()
+    muon = tg.ParallelMuon(banks, h, 1)
     for g in grads:
         for b, g0, g1 in zip(banks, g[0], g[1]):
             b.grad = (g0 + g1) / 2
         muon.launch_reduce()
         muon.finish_reduce()
-        muon.step(0.95, torch.tensor(1.0))
+        muon.step(h.MATRIX_LR, 0.95, torch.tensor(1.0))
     for b, b2, b0 in zip(banks, two["banks"], start):
         step1, step2 = b.detach() - b0, b2 - b0
         assert (step2 - step1).abs().max() < 0.05 * step1.abs().max(), (step2 - step1).abs().max()

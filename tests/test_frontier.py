@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import FRONTIER, ROOT, FakeCtx, metric, random_model, run_script, tiny_env
+from conftest import (FRONTIER, ROOT, FakeCtx, count_params_from_shapes, metric, random_model, run_script,
+                      tiny_env)
 from conftest import tiny_hparams as hparams
 
 # ---------------------------------------------------------------- presets
 
 def test_preset_sets_the_records_values_and_explicit_env_wins():
-    types = {n: t for n, t, _ in tg.HPARAMS}
+    types = {s.name: type(s.default) for s in tg.HPARAMS}
     assert all(type(v) is types[k] for p in tg.PRESETS.values() for k, v in p.items())  # as if parsed from env
     h = tg.Hyperparameters({"PRESET": "sp8192"})
     assert {k: getattr(h, k) for k in tg.PRESETS["sp8192"]} == tg.PRESETS["sp8192"]
@@ -34,7 +35,7 @@ def test_sp8192_preset_builds_the_records_model():
     h = tg.Hyperparameters({"PRESET": "sp8192"})
     model = tg.GPT(h)
     n = sum(p.numel() for p in model.parameters())
-    assert n == tg.count_params_from_shapes(h) == 35_945_671 - 8 * 6
+    assert n == count_params_from_shapes(h) == 35_945_671 - 8 * 6
     assert model.bigram is None and model.ve_shared is None and isinstance(model.smear, tg.BosSmearGate)
 
 
@@ -94,7 +95,7 @@ def reference_hidden(model: tg.GPT, h, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("looping", [False, True])
 @pytest.mark.parametrize("lanes, gates", [(0, 0), (3, 0), (3, 1), (4, 1)])
 def test_forward_matches_the_records_spec(looping, lanes, gates):
-    h = hparams(**FRONTIER | dict(PARALLEL_START_LAYER=lanes, SKIP_GATES_ENABLED=gates, VE_ENABLED=0))
+    h = hparams(**FRONTIER | dict(PARALLEL_START_LAYER=lanes, SKIP_GATES_ENABLED=gates, VE_LAYERS=""))
     model = random_model(h, seed=1, noise=0.3)
     model.looping = looping
     ids = torch.randint(0, 320, (2, 24))

@@ -1,6 +1,7 @@
 """Quantize/pack: GPTQ at MATRIX_BITS / EMBED_BITS (clip search or SDClip, AWQ-lite, LQER), int8 rows, the
 per-group artifact container (version 4), byte-capped fitting, calibration."""
 import copy
+import dataclasses
 import json
 import lzma
 import os
@@ -53,7 +54,6 @@ SCHEMES = {
     "all": SDCLIP | dict(EMBED_BITS=7, MATRIX_BITS=5, AWQ_LITE_GROUP_TOP_K=1, LQER_RANK=4, LQER_TOP_K=3),
 }
 META = {"prequant_val_bpb": 1.234567891234, "seed": 7}
-NOT_STORED = ("kind", "cost")
 FIXED = len(tg.ARTIFACT_MAGIC) + 9  # magic, version u8, header length u32, header CRC-32 u32
 
 
@@ -69,6 +69,16 @@ def qmax_of(kind: str) -> int:
     return 2 ** (int(kind[3:]) - 1) - 1
 
 
+def kind(e: tg.QEntry) -> str:
+    """fp16, or int{bits}: what an entry is, in words."""
+    return "fp16" if e.q is None else f"int{e.bits}"
+
+
+def fields(e: tg.QEntry) -> list[str]:
+    """The fields an entry has set (h_diag, which is not stored, included)."""
+    return sorted(f.name for f in dataclasses.fields(e) if f.name != "bits" and getattr(e, f.name) is not None)
+
+
 def hess_key(name: str) -> str | None:
     """Which Hessian a matrix is quantized with (written out here, independently of tg.hessian_key)."""
     if name == "tok_emb.weight":
@@ -79,32 +89,32 @@ def hess_key(name: str) -> str | None:
     return f"{m[1]}.{'attn.qkv' if m[2].startswith('attn.c_') else m[2]}"
 
 
-def step_multiplier(e: dict, cols: int) -> torch.Tensor:
+def step_multiplier(e: tg.QEntry, cols: int) -> torch.Tensor:
     """AWQ-lite: promoted 64-column groups step at qmax/127 of the row scale."""
     m = torch.ones(cols)
-    for g in e.get("awq", torch.zeros(0, dtype=torch.int16)).tolist():
-        m[64 * g:64 * (g + 1)] = qmax_of(e["kind"]) / 127
+    for g in (e.awq.tolist() if e.awq is not None else []):
+        m[64 * g:64 * (g + 1)] = qmax_of(kind(e)) / 127
     return m
 
 
-def base_dequant(e: dict) -> torch.Tensor:
+def base_dequant(e: tg.QEntry) -> torch.Tensor:
     """q * scale * AWQ multiplier, without LQER."""
-    return e["q"].float() * e["scale"].float()[:, None] * step_multiplier(e, e["q"].size(1))[None, :]
+    return e.q.float() * e.scale.float()[:, None] * step_multiplier(e, e.q.size(1))[None, :]
 
 
-def lqer_dequant(e: dict) -> torch.Tensor:
+def lqer_dequant(e: tg.QEntry) -> torch.Tensor:
     """(qa * sa) @ (qb * sb), one B scale per 64 values of the flattened B (written out here)."""
-    qb = e["lqer_b"].float().flatten()
-    sb = torch.stack([e["lqer_b_scale"].float()[i // 64] for i in range(qb.numel())])
-    return (e["lqer_a"].float() * e["lqer_a_scale"].float()) @ (qb * sb).view_as(e["lqer_b"])
+    qb = e.lqer_b.float().flatten()
+    sb = torch.stack([e.lqer_b_scale.float()[i // 64] for i in range(qb.numel())])
+    return (e.lqer_a.float() * e.lqer_a_scale.float()) @ (qb * sb).view_as(e.lqer_b)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.float16 else t
 
 
-def stored(e: dict) -> dict:
-    return {f: t for f, t in e.items() if f not in NOT_STORED}
+def stored(e: tg.QEntry) -> dict:
+    return e.tensors()
 
 
 def assert_entries_identical(a: dict, b: dict, with_cost: bool = False):
@@ -112,9 +122,8 @@ def assert_entries_identical(a: dict, b: dict, with_cost: bool = False):
     assert sorted(a) == sorted(b)
     for name in a:
         ea, eb = a[name], b[name]
-        assert ea["kind"] == eb["kind"], name
-        skip = ("kind",) if with_cost else NOT_STORED
-        fa, fb = ({f: t for f, t in x.items() if f not in skip} for x in (ea, eb))
+        assert ea.bits == eb.bits and kind(ea) == kind(eb), name
+        fa, fb = ({f: getattr(x, f) for f in fields(x)} if with_cost else x.tensors() for x in (ea, eb))
         assert sorted(fa) == sorted(fb), name
         for f in fa:
             x, y = fa[f], fb[f]
@@ -134,7 +143,7 @@ def calibrated():
     ctx = Ctx()
     clock = tg.Clock(ctx)
     clock.start()
-    hess = tg.collect_hessians(model, RandomLoader(h.VOCAB_SIZE), h, ctx, clock)
+    hess = tg.collect_hessians(model, RandomLoader(h.VOCAB_SIZE), h, ctx, clock, tg.Budget(h))
     state = tg.unbank({k: v.detach().float() for k, v in model.state_dict().items()}, h.NUM_LAYERS)
     return h, model, hess, state
 
@@ -175,9 +184,9 @@ def header_of(blob: bytes) -> tuple[dict, int]:
 def group_spans(blob: bytes) -> dict[str, tuple[int, int]]:
     header, pos = header_of(blob)
     spans = {}
-    for g, *_, length in header["groups"]:
-        spans[g] = (pos, pos + length)
-        pos += length
+    for g in header["groups"]:
+        spans[g["group"]] = (pos, pos + g["bytes"])
+        pos += g["bytes"]
     return spans
 
 
@@ -214,29 +223,29 @@ def test_quantize_state_routes_every_tensor(calibrated, scheme):
     _, entries, log = scheme("seed")
     flat = tg.unbank(model.state_dict(), h.NUM_LAYERS)
     assert sorted(entries) == sorted(flat)
-    banked = {f"blocks.{i}.{slot}.weight" for i in range(h.NUM_LAYERS) for slot, _, _, _ in tg.BANK_SLOTS}
+    banked = {f"blocks.{i}.{slot.name}.weight" for i in range(h.NUM_LAYERS) for slot in tg.BANK_SLOTS}
     for name, t in flat.items():
         e = entries[name]
         large = t.dim() == 2 and t.numel() > tg.PASSTHROUGH_MAX
         want = "int6" if name in banked else "int8" if name == "tok_emb.weight" or large else "fp16"
-        assert e["kind"] == want, name
+        assert kind(e) == want, name
         if want == "fp16":
-            assert e["data"].dtype == torch.float16 and e["data"].shape == t.shape and sorted(e) == ["data", "kind"]
+            assert e.data.dtype == torch.float16 and e.data.shape == t.shape and fields(e) == ["data"]
             continue
-        assert e["q"].dtype == torch.int8 and e["q"].shape == t.shape, name
-        assert e["scale"].dtype == torch.float16 and e["scale"].shape == (t.size(0),), name
+        assert e.q.dtype == torch.int8 and e.q.shape == t.shape, name
+        assert e.scale.dtype == torch.float16 and e.scale.shape == (t.size(0),), name
         if name in banked or name == "tok_emb.weight":
-            assert sorted(e) == ["cost", "kind", "q", "scale"], name
-            assert torch.equal(e["cost"], hess[hess_key(name)].diagonal()), name
+            assert fields(e) == ["h_diag", "q", "scale"], name
+            assert torch.equal(e.h_diag, hess[hess_key(name)].diagonal()), name
         else:
-            assert sorted(e) == ["kind", "q", "scale"], name  # int8 rows: not pruned, no Hessian
-    assert {e["kind"] for e in entries.values()} == {"int6", "int8", "fp16"}
-    assert any(e["kind"] == "fp16" and e["data"].dim() == 0 for e in entries.values())  # 0-d scalars too
-    assert entries["bigram.embed.weight"]["kind"] == "int8"  # the int8-rows path is exercised
+            assert fields(e) == ["q", "scale"], name  # int8 rows: not pruned, no Hessian
+    assert {kind(e) for e in entries.values()} == {"int6", "int8", "fp16"}
+    assert any(kind(e) == "fp16" and e.data.dim() == 0 for e in entries.values())  # 0-d scalars too
+    assert kind(entries["bigram.embed.weight"]) == "int8"  # the int8-rows path is exercised
     # the embedding is GPTQ with the lm-head-input Hessian, not round-to-nearest
     W, H = state["tok_emb.weight"], hess["tok_emb"]
     q, s, groups = tg.gptq_quantize(W, H, 127, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
-    assert torch.equal(entries["tok_emb.weight"]["q"], q) and torch.equal(bits(entries["tok_emb.weight"]["scale"]), bits(s))
+    assert torch.equal(entries["tok_emb.weight"].q, q) and torch.equal(bits(entries["tok_emb.weight"].scale), bits(s))
     assert groups.numel() == 0 and not torch.equal(q, tg.quantize_rows(W, 127)[0])
     assert re.fullmatch(rf"gptq:quantized {6 * h.NUM_LAYERS + 1} matrices with Hessians, {len(entries)} tensors, "
                         r"lqer:\[\] in [\d.]+s", log), log
@@ -252,27 +261,27 @@ def test_every_scheme_quantizes_each_class_at_its_bits_and_clip(calibrated, sche
     reached = set()
     for n, e in entries.items():
         if hess_key(n) is None:
-            assert e["kind"] in ("int8", "fp16") and "cost" not in e, n
+            assert kind(e) in ("int8", "fp16") and not e.is_gptq, n
             continue
         bits_n = h.EMBED_BITS if n == "tok_emb.weight" else h.MATRIX_BITS
-        assert e["kind"] == f"int{bits_n}", n
-        qmax, mult = qmax_of(e["kind"]), step_multiplier(e, e["q"].size(1))
+        assert kind(e) == f"int{bits_n}", n
+        qmax, mult = qmax_of(kind(e)), step_multiplier(e, e.q.size(1))
         lim = torch.where(mult == 1, float(qmax), 127.0)
-        assert (e["q"].abs().float() <= lim[None, :]).all(), n
-        if int(e["q"].abs().max()) >= qmax:
+        assert (e.q.abs().float() <= lim[None, :]).all(), n
+        if int(e.q.abs().max()) >= qmax:
             reached.add(n)
         sigmas = (h.EMBED_CLIP_SIGMAS if n == "tok_emb.weight" else h.ATTN_CLIP_SIGMAS if ".attn." in n
                   else h.MLP_CLIP_SIGMAS)
         if sigmas:
             want = (sigmas * state[n].std(1, correction=0) / qmax).half()
-            assert torch.equal(bits(e["scale"]), bits(want)), n
-        wants_awq = h.AWQ_LITE_GROUP_TOP_K > 0 and n != "tok_emb.weight" and e["q"].size(1) >= 64
-        assert ("awq" in e) == wants_awq, n
+            assert torch.equal(bits(e.scale), bits(want)), n
+        wants_awq = h.AWQ_LITE_GROUP_TOP_K > 0 and n != "tok_emb.weight" and e.q.size(1) >= 64
+        assert (e.awq is not None) == wants_awq, n
         if wants_awq:
-            assert e["awq"].dtype == torch.int16 and e["awq"].numel() == min(h.AWQ_LITE_GROUP_TOP_K, e["q"].size(1) // 64)
+            assert e.awq.dtype == torch.int16 and e.awq.numel() == min(h.AWQ_LITE_GROUP_TOP_K, e.q.size(1) // 64)
     assert "tok_emb.weight" in reached and any(n != "tok_emb.weight" for n in reached)
-    assert any("awq" in e for e in entries.values()) == (h.AWQ_LITE_GROUP_TOP_K > 0)
-    assert any("lqer_a" in e for e in entries.values()) == (h.LQER_RANK > 0)
+    assert any(e.awq is not None for e in entries.values()) == (h.AWQ_LITE_GROUP_TOP_K > 0)
+    assert any(e.lqer_a is not None for e in entries.values()) == (h.LQER_RANK > 0)
 
 
 def test_quant_spec_gives_each_class_its_bits_sigmas_and_awq():
@@ -300,7 +309,7 @@ def test_container_roundtrips_every_scheme_exactly(scheme, packed, tmp_path, nam
     config, meta, out = tg.read_artifact(str(path))
     assert config == config_of(h) and meta == META
     assert_entries_identical(entries, out)
-    assert {n: e["kind"] for n, e in out.items()} == {n: e["kind"] for n, e in entries.items()}
+    assert {n: kind(e) for n, e in out.items()} == {n: kind(e) for n, e in entries.items()}
     want_groups = {"fp16", "q.attn", "q.embed", "q.mlp", "q.other", "scales"} | ({"lqer"} if h.LQER_RANK else set())
     assert set(report) == want_groups
     values = {}
@@ -315,7 +324,7 @@ def test_container_roundtrips_every_scheme_exactly(scheme, packed, tmp_path, nam
         assert r["codec"] in tg.available_codecs(), g
         assert r["transform"] in tg.TRANSFORMS[1 if g.startswith("q.") or g == "lqer" else 2], g
     header, start = header_of(blob)
-    assert [x[0] for x in header["groups"]] == sorted(report)
+    assert [g["group"] for g in header["groups"]] == sorted(report)
     assert start + sum(r["bytes"] for r in report.values()) == len(blob)
     assert tg.pack(entries, config_of(h), META, report)[0] == blob
 
@@ -385,7 +394,7 @@ def test_one_layer_model_roundtrips(tmp_path):
 
 
 def strip(entries: dict, prefix: str) -> dict:
-    return {n: {f: t for f, t in e.items() if not f.startswith(prefix)} for n, e in entries.items()}
+    return {n: dataclasses.replace(e, **{f: None for f in fields(e) if f.startswith(prefix)}) for n, e in entries.items()}
 
 
 def test_lqer_rank_0_and_awq_top_k_0_add_nothing(calibrated, scheme, packed):
@@ -394,9 +403,9 @@ def test_lqer_rank_0_and_awq_top_k_0_add_nothing(calibrated, scheme, packed):
     _, model, hess, _ = calibrated
     _, seed, _ = scheme("seed")
     seed_blob, seed_report = packed("seed")
-    assert not any(f.startswith(("lqer", "awq")) for e in seed.values() for f in e)
+    assert not any(f.startswith(("lqer", "awq")) for e in seed.values() for f in fields(e))
     assert "lqer" not in seed_report and seed_report["scales"]["values"] == sum(
-        e["scale"].numel() for e in seed.values() if "scale" in e)
+        e.scale.numel() for e in seed.values() if e.scale is not None)
     h = hparams(GPTQ_CALIB_BATCHES=2, LQER_RANK=0, LQER_TOP_K=7, AWQ_LITE_GROUP_TOP_K=0)
     ctx = Ctx()
     off = tg.quantize_state(model, hess, h, ctx)
@@ -445,10 +454,10 @@ def test_model_codes_stay_in_range(scheme):
     """Every entry of the model: codes within its kind's range, scales positive and finite."""
     for name in ("seed", "all"):
         for n, e in scheme(name)[1].items():
-            if e["kind"] != "fp16":
-                lim = 127 if "awq" in e else qmax_of(e["kind"])
-                assert int(e["q"].abs().max()) <= lim, n
-                assert torch.isfinite(e["scale"]).all() and (e["scale"] > 0).all(), n
+            if kind(e) != "fp16":
+                lim = 127 if e.awq is not None else qmax_of(kind(e))
+                assert int(e.q.abs().max()) <= lim, n
+                assert torch.isfinite(e.scale).all() and (e.scale > 0).all(), n
 
 
 def test_zero_and_tiny_rows_get_a_positive_scale():
@@ -603,7 +612,7 @@ def test_awq_lite_error_bounds_with_identity_hessian(sigmas):
     if sigmas:
         assert (~inside).any()
     torch.testing.assert_close(deq[~inside], (torch.sign(W) * clip).expand_as(W)[~inside], rtol=1e-5, atol=0)
-    e = {"kind": "int6", "q": q, "scale": s, "awq": groups}
+    e = tg.QEntry(6, q=q, scale=s, awq=groups)
     torch.testing.assert_close(tg.dequantize_entry(e), deq, rtol=1e-6, atol=0)
 
 
@@ -635,7 +644,7 @@ def test_awq_lite_on_the_model_promotes_the_most_salient_group(calibrated, schem
     sqrt(H_cc) * mean |W_c| (over the matrices sharing the Hessian)."""
     _, _, hess, state = calibrated
     _, entries, _ = scheme("awq")
-    promoted = {n: e["awq"].tolist() for n, e in entries.items() if "awq" in e}
+    promoted = {n: e.awq.tolist() for n, e in entries.items() if e.awq is not None}
     assert promoted and all(n.endswith("mlp.proj.weight") for n in promoted)
     for n, groups in promoted.items():
         assert groups == independent_awq_groups(state[n], hess[hess_key(n)], 1), n
@@ -670,7 +679,7 @@ def test_lqer_factors_are_within_their_quantization_bounds(rows, cols, rank):
         sb = f["lqer_b_scale"][i].float()
         part = slice(64 * i, 64 * (i + 1))
         assert ((Bf[part] - qb[part] * sb).abs() <= sb * (0.5 + 8 * 2 ** -11) + 1e-7).all(), i
-    e = dict(f, kind="int6")
+    e = tg.QEntry(6, **f)
     torch.testing.assert_close(tg.lqer_product(e), lqer_dequant(e), rtol=1e-6, atol=1e-7)
     assert (E - tg.lqer_product(e)).norm() < E.norm()
 
@@ -691,16 +700,17 @@ def test_lqer_corrects_the_matrices_with_the_largest_error(calibrated, scheme, n
     chosen = lqer_choice(entries, state, h.LQER_TOP_K)
     assert f", lqer:{chosen} in " in log, log
     for n, e in entries.items():
-        assert ("lqer_a" in e) == (n in chosen), n
+        assert (e.lqer_a is not None) == (n in chosen), n
         if n not in chosen:
-            assert not any(f.startswith("lqer") for f in e), n
+            assert not any(f.startswith("lqer") for f in fields(e)), n
             continue
-        assert tuple(e["lqer_a"].shape) == (e["q"].size(0), h.LQER_RANK)
+        assert tuple(e.lqer_a.shape) == (e.q.size(0), h.LQER_RANK)
         before = state[n] - base_dequant(e)
         want = tg.lqer_factors(before, h.LQER_RANK)
-        assert sorted(want) == sorted(f for f in e if f.startswith("lqer")), n
+        assert sorted(want) == [f for f in fields(e) if f.startswith("lqer")], n
         for f, t in want.items():
-            assert t.dtype == e[f].dtype and t.shape == e[f].shape and torch.equal(bits(t), bits(e[f])), (n, f)
+            got = getattr(e, f)
+            assert t.dtype == got.dtype and t.shape == got.shape and torch.equal(bits(t), bits(got)), (n, f)
         after = state[n] - tg.dequantize_entry(e)
         torch.testing.assert_close(after, before - lqer_dequant(e), rtol=1e-5, atol=1e-6)
         assert after.norm() < before.norm(), (n, float(after.norm()), float(before.norm()))
@@ -711,15 +721,15 @@ def test_add_lqer_picks_the_top_k_by_error_norm(calibrated, scheme):
     norm and returns their names in that order; nothing else changes."""
     _, _, _, state = calibrated
     _, seed, _ = scheme("seed")
-    entries = {n: dict(e) for n, e in seed.items()}
+    entries = dict(seed)
     top = tg.add_lqer(entries, state, 2, 5)
     assert top == lqer_choice(seed, state, 5) and len(set(top)) == 5
     for n, e in entries.items():
-        assert sorted(e) == sorted([*seed[n], *(["lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale"] if n in top else [])])
+        assert fields(e) == sorted([*fields(seed[n]), *(["lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale"] if n in top else [])])
         if n in top:
-            assert e["lqer_a"].shape[1] == 2 and e["lqer_b"].shape[0] == 2
+            assert e.lqer_a.shape[1] == 2 and e.lqer_b.shape[0] == 2
     assert_entries_identical(seed, strip(entries, "lqer"), with_cost=True)
-    everything = tg.add_lqer({n: dict(e) for n, e in seed.items()}, state, 1, 1000)  # only matrices with a Hessian
+    everything = tg.add_lqer(dict(seed), state, 1, 1000)  # only matrices with a Hessian
     assert everything == lqer_choice(seed, state, 1000) and len(everything) == 6 * 3 + 1
 
 
@@ -793,13 +803,13 @@ def fit_entries(calibrated, scheme):
         h, entries, _ = scheme(name)
         out = {k: v for k, v in entries.items() if k != "bigram.embed.weight"}
         q, s = tg.quantize_rows(torch.randn(64, 32, generator=torch.Generator().manual_seed(9)), 127)
-        out["extra.weight"] = {"kind": "int8", "q": q, "scale": s}
+        out["extra.weight"] = tg.QEntry(8, q=q, scale=s)
         return h, hess, out
     return get
 
 
 def count_pm1(entries) -> int:
-    return sum(int((e["q"].abs() == 1).sum()) for e in entries.values() if e["kind"] != "fp16")
+    return sum(int((e.q.abs() == 1).sum()) for e in entries.values() if kind(e) != "fp16")
 
 
 @pytest.fixture(scope="module")
@@ -827,8 +837,9 @@ def test_over_cap_prunes_cheapest_pm1_codes_until_it_fits(prune_sizes):
     assert code + len(blob) <= cap
     assert blob == tg.fit_artifact(entries, config, meta, code, cap, Ctx())
     header, _ = header_of(blob)
-    assert {g: (c, tr) for g, c, tr, *_ in header["groups"]} == {g: (r["codec"], r["transform"]) for g, r in report.items()}
-    candidates = sum(int((e["q"].abs() == 1).sum()) for e in entries.values() if "cost" in e)
+    assert {g["group"]: (g["codec"], g["transform"]) for g in header["groups"]} == {
+        g: (r["codec"], r["transform"]) for g, r in report.items()}
+    candidates = sum(int((e.q.abs() == 1).sum()) for e in entries.values() if e.is_gptq)
     fit = [m for m in ctx.logs if m.startswith("size_fit")]
     assert fit[0] == (f"size_fit: over by {code + best - cap} bytes; {candidates} +-1 candidates; "
                       f"pruning all gives {full} bytes"), fit
@@ -841,16 +852,16 @@ def test_over_cap_prunes_cheapest_pm1_codes_until_it_fits(prune_sizes):
         o = out[n]
         for f, t in stored(e).items():
             if f != "q":
-                assert torch.equal(bits(t), bits(o[f])), (n, f)
-        if e["kind"] == "fp16":
+                assert torch.equal(bits(t), bits(getattr(o, f))), (n, f)
+        if kind(e) == "fp16":
             continue
-        changed = e["q"] != o["q"]
-        assert "cost" in e or not changed.any(), n
-        assert (e["q"][changed].abs() == 1).all() and (o["q"][changed] == 0).all(), n
-        if "cost" in e:
-            mult = step_multiplier(e, e["q"].size(1))
-            cost = (e["scale"].float()[:, None] * mult[None, :]) ** 2 * hess[hess_key(n)].diagonal()[None, :]
-            pm1 = e["q"].abs() == 1
+        changed = e.q != o.q
+        assert e.is_gptq or not changed.any(), n
+        assert (e.q[changed].abs() == 1).all() and (o.q[changed] == 0).all(), n
+        if e.is_gptq:
+            mult = step_multiplier(e, e.q.size(1))
+            cost = (e.scale.float()[:, None] * mult[None, :]) ** 2 * hess[hess_key(n)].diagonal()[None, :]
+            pm1 = e.q.abs() == 1
             pruned_costs.append(cost[pm1 & changed])
             kept_costs.append(cost[pm1 & ~changed])
             awq_pruned += int((changed & (mult < 1)[None, :]).sum())
@@ -934,7 +945,7 @@ def test_corrupt_header_and_container_are_refused_with_clear_errors(packed, tmp_
     that names an unknown codec, a wrong raw length or a longer group: a clear ValueError."""
     blob, _ = packed("all")
     header, start = header_of(blob)
-    first = header["groups"][0][0]
+    first = header["groups"][0]["group"]
 
     def edited(fn):
         h = copy.deepcopy(header)
@@ -946,16 +957,17 @@ def test_corrupt_header_and_container_are_refused_with_clear_errors(packed, tmp_
         "empty file": (b"", "magic"),
         "cut inside the fixed header": (blob[:FIXED - 2], "magic"),
         "wrong version": (blob[:5] + bytes([tg.ARTIFACT_VERSION + 1]) + blob[6:], rf"version {tg.ARTIFACT_VERSION + 1}"),
-        "old version 3": (blob[:5] + bytes([3]) + blob[6:], r"version 3, this script reads version 4"),
+        "old version 4": (blob[:5] + bytes([4]) + blob[6:], r"version 4, this script reads version 5"),
         "flipped header byte": (_flip(blob, (FIXED + start) // 2), r"header .*corrupt"),
         "flipped header checksum": (_flip(blob, FIXED - 1), r"header .*corrupt"),
         "header length past the end": (blob[:6] + struct.pack("<I", len(blob)) + blob[10:], r"header .*truncated"),
         "cut inside the header": (blob[:(FIXED + start) // 2], r"header .*truncated"),
         "trailing bytes": (blob + b"\0\0", r"2 trailing bytes"),
-        "unknown codec": (edited(lambda g: g.__setitem__(1, "xz")), rf"group {re.escape(first)}: unknown codec 'xz'"),
-        "raw length off by one": (edited(lambda g: g.__setitem__(4, g[4] + 1)), rf"group {re.escape(first)}: checksum"),
-        "raw checksum wrong": (edited(lambda g: g.__setitem__(5, g[5] ^ 1)), rf"group {re.escape(first)}: checksum"),
-        "group longer than stored": (edited(lambda g: g.__setitem__(6, g[6] + 3)), rf"group {re.escape(first)}"),
+        "unknown codec": (edited(lambda g: g.update(codec="xz")), rf"group {re.escape(first)}: unknown codec 'xz'"),
+        "raw length off by one": (edited(lambda g: g.update(raw_bytes=g["raw_bytes"] + 1)),
+                                  rf"group {re.escape(first)}: checksum"),
+        "raw checksum wrong": (edited(lambda g: g.update(crc=g["crc"] ^ 1)), rf"group {re.escape(first)}: checksum"),
+        "group longer than stored": (edited(lambda g: g.update(bytes=g["bytes"] + 3)), rf"group {re.escape(first)}"),
     }
     failures = check_refused(tmp_path, cases)
     assert not failures, "\n".join(failures)
@@ -1015,7 +1027,7 @@ def test_collect_hessians_are_xtx_of_every_quantized_matmul_input(monkeypatch):
     loader = RandomLoader(h.VOCAB_SIZE)
     clock = tg.Clock(ctx)
     clock.start()
-    hess = tg.collect_hessians(model, loader, h, ctx, clock)
+    hess = tg.collect_hessians(model, loader, h, ctx, clock, tg.Budget(h))
     monkeypatch.undo()
     assert loader.calls == 3
     d, hid = h.MODEL_DIM, h.mlp_hidden
@@ -1047,12 +1059,12 @@ def test_calibration_at_or_past_the_deadline_collects_nothing(now_ms):
     quantization then still works (plain rounding)."""
     h = tiny_hparams(MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_BATCHES=5)
     loader, ctx = RandomLoader(h.VOCAB_SIZE), Ctx()
-    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, FakeClock(now_ms))
+    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, FakeClock(now_ms), tg.Budget(h))
     assert hess == {} and loader.calls == 0
     assert any(re.search(r"gptq:calibration end .* tokens:0 layers:0", m) for m in ctx.logs)
     entries = tg.quantize_state(random_model(h, noise=0.05), hess, h, ctx)
-    assert sum(e["kind"] == "int6" for e in entries.values()) == 6 * h.NUM_LAYERS
-    assert entries["tok_emb.weight"]["kind"] == "int8"
+    assert sum(kind(e) == "int6" for e in entries.values()) == 6 * h.NUM_LAYERS
+    assert kind(entries["tok_emb.weight"]) == "int8"
     assert "gptq:quantized 0 matrices with Hessians" in ctx.logs[-1]
 
 
@@ -1061,7 +1073,7 @@ def test_calibration_near_the_deadline_does_not_overrun_it():
     h = tiny_hparams(MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, GPTQ_CALIB_BATCHES=5)
     clock = FakeClock(1990.0)
     loader = RandomLoader(h.VOCAB_SIZE, clock=clock, cost_ms=100.0)
-    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, Ctx(), clock)
+    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, Ctx(), clock, tg.Budget(h))
     assert clock.t <= 2000.0 and loader.calls == 0 and hess == {}, (clock.t, loader.calls)
 
 
@@ -1070,7 +1082,7 @@ def test_calibration_stops_before_the_deadline():
     h = tiny_hparams(MAX_WALLCLOCK_SECONDS=1, GPTQ_RESERVE_SECONDS=0, GPTQ_CALIB_BATCHES=100)
     clock = FakeClock(450.0)
     loader, ctx = RandomLoader(h.VOCAB_SIZE, clock=clock, cost_ms=100.0), Ctx()
-    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, clock)
+    hess = tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, clock, tg.Budget(h))
     assert clock.t <= 1000.0 and loader.calls >= 3, (clock.t, loader.calls)
     assert len(hess) == 4 * h.NUM_LAYERS + 1  # + the lm head (tied embedding)
     assert any(f"tokens:{loader.calls * 128} " in m for m in ctx.logs)
@@ -1084,7 +1096,7 @@ def test_calibration_leaves_time_for_the_gptq_solve():
     for gptq_ms in (200.0, 0.0):
         clock = FakeClock(450.0)
         loader, ctx = RandomLoader(h.VOCAB_SIZE, clock=clock, cost_ms=50.0), Ctx()
-        tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, clock, gptq_ms)
+        tg.collect_hessians(random_model(h, noise=0.05), loader, h, ctx, clock, tg.Budget(h, gptq_ms))
         assert clock.t + 1.25 * gptq_ms <= 1000.0 and loader.calls >= 2, (clock.t, loader.calls)
         assert any(f"deadline:{1000 - 1.25 * gptq_ms:.0f}ms" in m for m in ctx.logs)
         ends.append(clock.t)

@@ -62,7 +62,7 @@ def main():
         model.qo_bank[h.NUM_LAYERS:].normal_(std=0.02)
         model.mlp_down_bank.normal_(std=0.02)
     model_c = tg.compile_model(model, ctx)
-    opt, loader = tg.Optimizers(model, h, ctx.rank, ctx.world), RandomLoader(V, ctx.device)
+    opt, loader = tg.Optimizers(model, h, ctx.world), RandomLoader(V, ctx.device)
     rows = []
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -111,7 +111,7 @@ def main():
     clock.start()
     t = time.perf_counter()
     with tg.fp32_matmuls():
-        hess = tg.collect_hessians(model, loader, h, ctx, clock)
+        hess = tg.collect_hessians(model, loader, h, ctx, clock, tg.Budget(h))
         rows.append(("Hessians, 4 batches (s)", f"{time.perf_counter() - t:.2f}"))
         t = time.perf_counter()
         entries = tg.quantize_state(model, hess, h, ctx)

@@ -69,7 +69,7 @@ def train(data: Path, args, work: Path) -> dict:
         return torch.load(ckpt)
     h, ctx, model, val, luts = setup(data, args)
     t0 = time.time()
-    tg.train_model(model, h, ctx, val, luts)
+    tg.train_model(model, h, ctx, tg.Budget(h), val, luts)
     out = {"state": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
            "minutes": (time.time() - t0) / 60}
     torch.save(out, ckpt)
@@ -118,7 +118,7 @@ def sweep(trained: dict, data: Path, args) -> tuple[list[dict], float]:
     clock = tg.Clock(ctx)
     clock.start()
     with tg.fp32_matmuls():
-        hess = tg.collect_hessians(model, loader, h, ctx, clock)
+        hess = tg.collect_hessians(model, loader, h, ctx, clock, tg.Budget(h))
     rows, budget = [], 0
     for i, (label, over) in enumerate(SCHEMES):
         hs = hparams(data, args, **(dict(LQER_RANK=0) | over))  # LQER only where the label says (a default now)
