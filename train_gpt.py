@@ -172,19 +172,18 @@ PRESETS = {
 }
 # An unknown env var is refused when it is a typo of a setting, or starts with a setting's first word
 # (TTT_LORA_RANK) but not one other tools use too (NUM_THREADS, MAX_JOBS), or a lineage prefix we lack.
-SHARED_WORDS = ("NUM", "MAX", "MIN", "DATA", "RUN", "MODEL", "ENABLE", "SIZE")
+SHARED_PREFIXES = ("NUM_", "MAX_", "MIN_", "DATA_", "RUN_", "MODEL_", "ENABLE_", "SIZE_")
 FOREIGN_PREFIXES = ("QAT_", "LATE_QAT")
 TYPO_SIMILARITY = 0.85  # difflib ratio: NUM_LAYER/NUM_LAYERS 0.95, WORLD_SIZE/VOCAB_SIZE 0.6
+OWN_PREFIXES = tuple(sorted({n.split("_")[0] + "_" for n in DEFAULTS if "_" in n} - set(SHARED_PREFIXES)))
 GATE_WINDOW = 12  # the bos SmearGate and the sparse attention gate read the first 12 dims, as the records
 
 
 def unknown_settings(env) -> list[str]:
-    known = list(DEFAULTS)
-    prefixes = tuple({n.split("_")[0] + "_" for n in known if "_" in n} - {w + "_" for w in SHARED_WORDS})
     out = []
-    for k in sorted(set(env) - set(known)):
-        close = difflib.get_close_matches(k, known, 1, TYPO_SIMILARITY)
-        if close or k.startswith(prefixes + FOREIGN_PREFIXES):
+    for k in sorted(set(env) - set(DEFAULTS)):
+        close = difflib.get_close_matches(k, list(DEFAULTS), 1, TYPO_SIMILARITY)
+        if close or k.startswith(OWN_PREFIXES + FOREIGN_PREFIXES):
             out.append(f"{k} (a typo of {close[0]}?)" if close else k)
     return out
 
@@ -299,6 +298,7 @@ def model_config(h: Hyperparameters) -> dict:
     """The artifact's model settings. RoPE is pinned to the resolved base, so a reload at any TRAIN_SEQ_LEN
     rebuilds the model that was trained."""
     return {k: getattr(h, k) for k in MODEL_KEYS} | {"ROPE_BASE": h.rope_base, "ROPE_SCALING": "none"}
+
 
 # ----------------------------------------------------------------------------------------------
 # Runtime: processes, logging, compilation, the training clock
@@ -626,21 +626,23 @@ def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, 
                 nll_out.index_put_((idx,), torch.where(mask, nll.float(), 0.0), accumulate=True)
 
 
+def eval_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, nll_out=None):
+    """(val_loss, val_bpb) over all ranks, each scoring its share of `wins`."""
+    meter = BpbMeter(ctx.device)
+    score_windows(model_fn, val_tokens, rank_share(wins, ctx), h, ctx, luts, meter, nll_out)
+    return meter.result()
+
+
 def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, ctx: Context, luts) -> tuple[float, float]:
     """Non-sliding: the stream tiled into EVAL_SEQ_LEN windows that score all their targets."""
     L = min(h.EVAL_SEQ_LEN, val_tokens.numel() - 1)
     starts = np.arange((val_tokens.numel() - 1) // L, dtype=np.int64) * L
-    wins = np.stack([starts, starts, starts + L], axis=1)
-    meter = BpbMeter(ctx.device)
-    score_windows(model_fn, val_tokens, rank_share(wins, ctx), h, ctx, luts, meter, None)
-    return meter.result()
+    return eval_windows(model_fn, val_tokens, np.stack([starts, starts, starts + L], axis=1), h, ctx, luts)
 
 
 def eval_val_sliding(model_fn, val_tokens: Tensor, h, ctx, luts, nll_out=None) -> tuple[float, float]:
     wins = sliding_windows(val_tokens.numel() - 1, h.EVAL_SEQ_LEN, h.EVAL_STRIDE)
-    meter = BpbMeter(ctx.device)
-    score_windows(model_fn, val_tokens, rank_share(wins, ctx), h, ctx, luts, meter, nll_out)
-    return meter.result()
+    return eval_windows(model_fn, val_tokens, wins, h, ctx, luts, nll_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1336,11 +1338,12 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, va
             if step < h.ITERATIONS:
                 ctx.log(f"stopping_early: wallclock_cap train_time:{ms:.0f}ms step:{step}/{h.ITERATIONS}")
             break
-        frac = training_frac(h, step, budget.elapsed(step), budget.train_ms)
+        elapsed = budget.elapsed(step)  # extrapolated from the last clock sync, the same on every rank
+        frac = training_frac(h, step, elapsed, budget.train_ms)
         if h.NUM_LOOPS and not model.looping and frac >= h.ENABLE_LOOPING_AT:
             model.looping = True
             ctx.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
-        lr_mult = lr_multiplier(h, step, budget.elapsed(step), budget.train_ms)
+        lr_mult = lr_multiplier(h, step, elapsed, budget.train_ms)
         train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
         step += 1
         averages.update(step, lr_mult, ctx)
@@ -1467,6 +1470,10 @@ def _gptq_pass(W: Tensor, Hinv: Tensor, s: Tensor, mult: list, lim: list, block:
     return Qt.T
 
 
+def qmax_of(bits: int) -> int:
+    return 2 ** (bits - 1) - 1  # symmetric codes in [-qmax, qmax]
+
+
 def fp16_scale(x: Tensor) -> Tensor:
     return x.clamp(2 ** -24, 65504).half()  # stays positive and finite in fp16
 
@@ -1573,7 +1580,7 @@ class QEntry:
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return qmax_of(self.bits)
 
     @property
     def is_gptq(self) -> bool:
@@ -1632,7 +1639,7 @@ def gptq_group(names: list[str], state: dict, H: Tensor | None, h: Hyperparamete
     """The matrices that read one input (c_q, c_k, c_v) in one GPTQ pass: rows are independent given H."""
     bits, sigmas, awq_top_k = quant_spec(names[0], h)
     W = torch.cat([state[n] for n in names])
-    q, s, groups = gptq_quantize(W, H, 2 ** (bits - 1) - 1, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP, sigmas, awq_top_k)
+    q, s, groups = gptq_quantize(W, H, qmax_of(bits), h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP, sigmas, awq_top_k)
     h_diag = H.diagonal() if H is not None else torch.ones(W.size(1), device=W.device)
     sizes = [state[n].size(0) for n in names]
     return {n: QEntry(bits, q=qn.contiguous(), scale=sn.contiguous(), awq=groups if groups.numel() else None,
@@ -1972,7 +1979,8 @@ class TTTState:
         frozen = [p for block in model.blocks[:f] for p in block.parameters()]
         frozen_ids = {id(p) for p in frozen}
         self.params = [p for p in model.parameters() if id(p) not in frozen_ids]
-        self.frozen_rows = [(getattr(model, s.bank), s.slot * n) for s in BANK_SLOTS] if f else []  # + [0, f)
+        # each slot's frozen layers are bank rows [slot * n, slot * n + f)
+        self.frozen_rows = [(getattr(model, s.bank), s.slot * n) for s in BANK_SLOTS] if f else []
         self.f, self.clip = f, h.TTT_GRAD_CLIP
         self.n_frozen = sum(p.numel() for p in frozen) + sum(f * b[0].numel() for b, _ in self.frozen_rows)
         # rows per rank of each fixed-shape TTT step: a global batch is at most one chunk's sequences
@@ -2146,7 +2154,8 @@ def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> s
         entries = quantize_state(model, hessians, h, ctx) if ctx.master else None
     ctx.barrier()
     run.clock.pause()
-    done, over = run.clock.ms(), budget.over_cap(run.clock.ms())
+    done = run.clock.ms()
+    over = budget.over_cap(done)
     ctx.log(f"gptq:done train_time:{done:.0f}ms" + (f" OVER_CAP_BY:{over:.0f}ms" if over else ""))
     t0 = time.perf_counter()
     vl, vb = eval_val(run.model_c, val_tokens, h, ctx, luts)
