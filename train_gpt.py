@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import difflib
 import glob
+import hashlib
 import importlib
 import json
 import lzma
@@ -21,9 +22,10 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 import zlib
-from collections import namedtuple
+from collections import deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -156,6 +158,10 @@ Setting = namedtuple("Setting", "group name default doc domain", defaults=(None,
 HPARAMS = [Setting(group, *row) for group, rows in SETTINGS.items() for row in rows]
 DEFAULTS = {s.name: s.default for s in HPARAMS}
 MODEL_KEYS = tuple(s.name for s in HPARAMS if s.group == "model")
+# What evaluation reads (TTT trains on TRAIN_SEQ_LEN rows): the artifact stores it, so a re-evaluation scores
+# as the run did.
+EVAL_KEYS = tuple(s.name for s in HPARAMS if s.group in ("evaluation", "ttt")
+                  and s.name not in ("EVAL_ARTIFACT", "DUMP_TOKEN_NLL")) + ("TRAIN_SEQ_LEN",)
 PRESETS = {
     "pr549": {},  # the defaults: 1.1194 bpb
     # The SP8192 stack of PR #1394 -> #1493 -> #1787/#1855, without CaseOps and LoRA TTT (README: Presets)
@@ -228,6 +234,7 @@ class Hyperparameters:
             value = _parse(s, env[s.name]) if s.name in env else PRESETS[preset].get(s.name, s.default)
             setattr(self, s.name, value)
         self.RUN_ID = self.RUN_ID or str(uuid.uuid4())
+        self.explicit = set(env) & set(DEFAULTS)  # set in the environment, not by default or preset
         self.update({})
 
     def update(self, values: dict):
@@ -325,10 +332,9 @@ class Context:
             dist.init_process_group("nccl" if self.cuda else "gloo", timeout=datetime.timedelta(minutes=30),
                                     device_id=self.device if self.cuda else None)
         self.master = self.rank == 0
-        self.logfile = None
+        self.logfile = f"logs/{h.RUN_ID}.txt"  # rank 0 writes it (the other ranks only their crash)
         if self.master:
             os.makedirs("logs", exist_ok=True)
-            self.logfile = f"logs/{h.RUN_ID}.txt"
             print(self.logfile)
 
     def log(self, msg: str = "", console: bool = True):
@@ -419,6 +425,23 @@ class Clock:
         return self.ms()
 
 
+PROGRESS_SECONDS = 30.0  # the longest any phase is silent (slow machines): progress lines are due by time
+
+
+class Progress:
+    """When a progress line is due: when the caller's cadence says so, or PROGRESS_SECONDS after the last."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def due(self, cadence: bool = False) -> bool:
+        now = time.perf_counter()
+        if cadence or now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            return True
+        return False
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -441,6 +464,8 @@ def rank_share(rows: np.ndarray, ctx: Context) -> np.ndarray:
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 HEADER_BYTES = 1024
 BOS_ID = 1  # every document starts with it (the challenge tokenizers' bos_id; data/build_shards.py checks)
+GET_DATA = ("get the published shards and tokenizers: python data/cached_challenge_fineweb.py "
+            "--variant sp1024 (or sp8192); or build them from any text: python data/build_shards.py --help")
 
 
 def load_data_shard(path: str, vocab_size: int) -> np.ndarray:
@@ -469,7 +494,7 @@ def list_shards(pattern: str) -> list[str]:
     # Sorted by file name only, so the order never depends on how DATA_PATH is spelled.
     files = sorted(glob.glob(pattern), key=lambda p: (os.path.basename(p), p))
     if not files:
-        raise FileNotFoundError(f"no shard matches {pattern}")
+        raise FileNotFoundError(f"no shard matches {pattern} (DATA_PATH): {GET_DATA}")
     return files
 
 
@@ -536,11 +561,39 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tenso
 def load_tokenizer(path: str, vocab_size: int):
     import sentencepiece as spm
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"TOKENIZER_PATH {path}: no such file")
-    sp = spm.SentencePieceProcessor(model_file=path)
+        raise FileNotFoundError(f"TOKENIZER_PATH={path}: no such file; {GET_DATA}")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except RuntimeError as e:
+        raise ValueError(f"TOKENIZER_PATH={path}: not a SentencePiece model ({e})") from None
     if sp.vocab_size() != vocab_size:
         raise ValueError(f"tokenizer {path} has vocab {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
     return sp
+
+
+def check_manifest(h: Hyperparameters, ctx: Context):
+    """The shards' manifest (DATA_PATH/manifest.json, from the data/ scripts) names the tokenizer that made
+    them: with another, val_bpb would be wrong without any error. It also counts the validation tokens."""
+    with open(h.TOKENIZER_PATH, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    path = os.path.join(h.DATA_PATH, "manifest.json")
+    ctx.log(f"tokenizer_sha256:{digest} manifest:{path if os.path.isfile(path) else 'none'}")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+        tok, val_tokens = m["tokenizer"], m["splits"]["val"]["tokens"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a shard manifest ({e!r}); rebuild it or remove it") from None
+    if tok["sha256"] != digest:
+        raise ValueError(f"TOKENIZER_PATH={h.TOKENIZER_PATH} (sha256 {digest[:12]}) is not the tokenizer of "
+                         f"the shards in DATA_PATH: {path} names {tok['file']} (sha256 {tok['sha256'][:12]})")
+    shards = list_shards(f"{h.DATA_PATH}/fineweb_val_*.bin")
+    have = sum(int(np.fromfile(f, "<i4", count=3)[2]) for f in shards)
+    if have != val_tokens:
+        raise ValueError(f"DATA_PATH={h.DATA_PATH}: the validation shards hold {have} tokens, {path} says "
+                         f"{val_tokens}: a shard is missing or foreign")
 
 
 def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -612,9 +665,11 @@ def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, 
     padded = np.zeros((ceil_div(len(wins), B) * B, 3), dtype=np.int64)
     padded[:len(wins)] = wins
     padded = torch.from_numpy(padded).to(ctx.device)
-    pos = torch.arange(L, device=ctx.device)
+    pos, progress = torch.arange(L, device=ctx.device), Progress()
     with torch.inference_mode():
         for b in range(0, len(padded), B):
+            if progress.due():
+                ctx.log(f"eval_progress windows:{b}/{len(wins)} (this rank's)")
             w = padded[b:b + B]
             idx = w[:, :1] + pos
             x, y = val_tokens[idx], val_tokens[idx + 1]  # (B, L)
@@ -1259,18 +1314,23 @@ def compile_warmup(model, model_c, loader_fn, h, ctx):
 
 
 # The training budget (MAX_WALLCLOCK_SECONDS), on one clock that pauses only for validation: 1. steps,
-# until the one planned to end by Budget.train_ms (the cap less GPTQ_RESERVE_SECONDS); 2. the EMA becomes
-# the weights; 3. Hessian calibration, until Budget.calibration_deadline(); 4. the GPTQ solve, timed before
+# until one more would end past Budget.train_ms (the cap less GPTQ_RESERVE_SECONDS); 2. the EMA becomes the
+# weights; 3. Hessian calibration, until Budget.calibration_deadline(); 4. the GPTQ solve, timed before
 # training, ends by the cap (Budget.over_cap). Packing reads no data and comes after (frontier.md §3.3).
 CLOCK_SYNC_EVERY = 10  # training steps between the host syncs where all ranks agree on the elapsed time
+SLOW_STEP_WINDOW = 4  # clock syncs whose slowest step is the stop plan's margin (a stall, the loop switch)
+STALL_FACTOR = 10  # syncs every step from where CLOCK_SYNC_EVERY steps, one of them 10x slower, could overrun
 GPTQ_SOLVE_MARGIN = 1.25  # calibration leaves 1.25x the timed GPTQ solve (real Hessians can be slower)
 CALIB_BATCH_MARGIN = 1.5  # ... and takes no batch that would end past the deadline at 1.5x the mean so far
 
 
 class Budget:
     """The training clock's plan in ms (no cap: ITERATIONS steps, no deadline). Ranks agree on the elapsed
-    time every CLOCK_SYNC_EVERY steps; between, it is extrapolated at the agreed mean step time, so every
-    rank uses the same LR and stop step."""
+    time every CLOCK_SYNC_EVERY steps, and every step once CLOCK_SYNC_EVERY + STALL_FACTOR of the slowest
+    recent steps would end past train_ms; between syncs it is extrapolated at the agreed mean step time, so
+    every rank uses the same LR and stop step. A step starts only if the slowest recent step would end within
+    train_ms: the stop is at most one step late (more only if several steps before the per-step syncs are
+    together over STALL_FACTOR times slower than the recent ones)."""
 
     def __init__(self, h: Hyperparameters, gptq_ms: float = 0.0):
         capped = h.MAX_WALLCLOCK_SECONDS > 0
@@ -1278,20 +1338,22 @@ class Budget:
         self.train_ms = 1000 * (h.MAX_WALLCLOCK_SECONDS - h.GPTQ_RESERVE_SECONDS) if capped else 0.0
         self.reserve_ms = 1000 * h.GPTQ_RESERVE_SECONDS
         self.gptq_ms = gptq_ms
-        self.stop_at = h.ITERATIONS
+        self.stop_at, self.next_sync = h.ITERATIONS, CLOCK_SYNC_EVERY
         self.agreed_ms, self.agreed_step = 0.0, 0
+        self.step_ms = deque(maxlen=SLOW_STEP_WINDOW)  # mean ms per step between recent syncs
 
     def elapsed(self, step: int) -> float:
         return self.agreed_ms * step / self.agreed_step if self.agreed_step else 0.0
 
     def agree(self, step: int, ms: float):
-        """All ranks read `ms` (the max over ranks) at `step`. Once train_ms is under CLOCK_SYNC_EVERY
-        steps away at the mean step time, the stop is the last step that ends within it."""
+        """All ranks read `ms` (the max over ranks) after `step` steps; plans the next sync or the stop."""
+        self.step_ms.append((ms - self.agreed_ms) / (step - self.agreed_step))
         self.agreed_ms, self.agreed_step = ms, step
-        if self.train_ms > 0:
-            left = int((self.train_ms - ms) // max(ms / step, 1e-6))
-            if left < CLOCK_SYNC_EVERY:
-                self.stop_at = min(self.stop_at, step + max(left, 0))
+        slowest, left = max(self.step_ms), self.train_ms - ms
+        if self.train_ms and left < slowest:
+            self.stop_at = min(self.stop_at, step)
+        near = self.train_ms and left < (CLOCK_SYNC_EVERY + STALL_FACTOR) * slowest
+        self.next_sync = step + (1 if near else CLOCK_SYNC_EVERY)
 
     def calibration_deadline(self) -> float:
         return self.cap_ms - GPTQ_SOLVE_MARGIN * self.gptq_ms if self.cap_ms else math.inf
@@ -1327,7 +1389,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, va
         ctx.log(f"gptq:reserving {budget.reserve_ms:.0f}ms from training budget, "
                 f"effective={budget.train_ms:.0f}ms")
         ctx.log(f"gptq_solve_estimate:{budget.gptq_ms:.0f}ms")
-    clock, step = Clock(ctx), 0
+    clock, step, progress = Clock(ctx), 0, Progress()
     clock.start()
     while True:
         last_step = step == budget.stop_at
@@ -1347,10 +1409,10 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, va
         train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
         step += 1
         averages.update(step, lr_mult, ctx)
-        if step % CLOCK_SYNC_EVERY == 0:
+        if step == budget.next_sync:
             budget.agree(step, ctx.max_across(clock.synced_ms()))
         should_log = step <= 10 or (h.TRAIN_LOG_EVERY and step % h.TRAIN_LOG_EVERY == 0)
-        if should_log:
+        if progress.due(should_log):  # rank 0 logs: no collective inside
             loss = train_loss.item()  # waits for the step, so the time below is finished work
             ms = clock.ms()
             tok_s = step * h.TRAIN_BATCH_TOKENS / max(ms / 1000, 1e-9)
@@ -1446,6 +1508,15 @@ def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock
     tokens, end = batches * local * ctx.world, clock.synced_ms()
     ctx.log(f"gptq:calibration end train_time:{end:.0f}ms tokens:{tokens} layers:{len(hess)} "
             f"elapsed:{(end - start) / 1000:.1f}s")
+    if budget.over_cap(end):  # the solve reads no data: past the cap it is tolerated, reading data is not
+        ctx.log(f"run_invalid: training and calibration read data until {end:.0f}ms, past the "
+                f"{budget.cap_ms:.0f}ms cap by {budget.over_cap(end):.0f}ms: not a valid submission")
+    if batches == 0 < h.GPTQ_CALIB_BATCHES:
+        ctx.log(f"run_invalid: GPTQ without Hessians: calibration took 0/{h.GPTQ_CALIB_BATCHES} batches "
+                f"(train_time {start:.0f}ms, deadline {deadline:.0f}ms); falls back to clip-search rounding")
+    elif batches < h.GPTQ_CALIB_BATCHES:
+        ctx.log(f"calibration_short: batches:{batches}/{h.GPTQ_CALIB_BATCHES} deadline:{deadline:.0f}ms "
+                f"(GPTQ_RESERVE_SECONDS too small for GPTQ_CALIB_BATCHES?)")
     return hess
 
 
@@ -1662,14 +1733,18 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
             entries[name] = QEntry(8, q=q, scale=s)
         else:
             entries[name] = QEntry(16, data=W.half())
-    for site, names in sites.items():
+    progress = Progress()
+    for i, (site, names) in enumerate(sites.items()):
         entries.update(gptq_group(names, state, hessians.get(site), h))
+        if log and progress.due():
+            ctx.log(f"gptq:progress sites:{i + 1}/{len(sites)} {time.perf_counter() - t0:.0f}s")
     lqer = add_lqer(entries, state, h.LQER_RANK, h.LQER_TOP_K) if h.LQER_RANK else []
     ctx.sync()
     n_gptq = sum(len(names) for site, names in sites.items() if site in hessians)
+    n_plain = sum(len(names) for names in sites.values()) - n_gptq
     if log:
-        ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {len(entries)} tensors, lqer:{lqer} in "
-                f"{time.perf_counter() - t0:.1f}s")
+        ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {n_plain} without (clip-search rounding), "
+                f"{len(entries)} tensors, lqer:{lqer} in {time.perf_counter() - t0:.1f}s")
     return entries
 
 
@@ -1699,7 +1774,7 @@ def dequantize_state(entries: dict[str, QEntry], n_layers: int) -> dict[str, Ten
 # stream per group. Each group keeps the codec and byte transform that made it smallest, with the CRC-32 of
 # its raw bytes. No pickle: loading never executes code.
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_VERSION = 5  # 3: frontier keys; 4: per-group streams, AWQ/LQER; 5: bits per entry, no VE_ENABLED
+ARTIFACT_VERSION = 6  # 4: per-group streams, AWQ/LQER; 5: bits per entry; 6: evaluation settings in meta
 CODECS = ("lzma", "zstd", "brotli")
 DTYPES = {"torch.int8": torch.int8, "torch.int16": torch.int16, "torch.float16": torch.float16}
 # 1-byte codes as stored or transposed (columns often compress better); 2-byte values as stored or split
@@ -1807,8 +1882,8 @@ def pack(entries: dict[str, QEntry], config: dict, meta: dict, plan: dict | None
     return blob, report
 
 
-def unpack(blob: bytes, source: str = "artifact") -> tuple[dict, dict, dict[str, QEntry]]:
-    """(config, meta, entries) from an artifact; anything corrupt or truncated is refused naming the part."""
+def unpack_header(blob: bytes, source: str = "artifact") -> tuple[dict, int]:
+    """(the header, where the first group starts); anything corrupt or truncated is refused, naming it."""
     n = len(ARTIFACT_MAGIC)
     if len(blob) < n + 9 or blob[:n] != ARTIFACT_MAGIC:
         raise ValueError(f"{source}: not a model artifact (bad magic or truncated header)")
@@ -1823,6 +1898,12 @@ def unpack(blob: bytes, source: str = "artifact") -> tuple[dict, dict, dict[str,
         header = json.loads(lzma.decompress(blob[n + 9:pos]))
     except (lzma.LZMAError, ValueError) as e:
         raise ValueError(f"{source}: artifact header does not decode ({e}): corrupt") from None
+    return header, pos
+
+
+def unpack(blob: bytes, source: str = "artifact") -> tuple[dict, dict, dict[str, QEntry]]:
+    """(config, meta, entries) from an artifact; anything corrupt or truncated is refused naming the part."""
+    header, pos = unpack_header(blob, source)
     entries = {name: QEntry(bits) for name, bits in header["bits"].items()}
     for g in header["groups"]:
         raw = read_group(blob, pos, g, source)
@@ -2067,7 +2148,7 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
             f"frozen={state.n_frozen}")
     meter, adapting = BpbMeter(ctx.device), True
     score_s, train_s = [], []  # seconds per chunk, for the budget projection
-    t0 = time.perf_counter()
+    t0, progress = time.perf_counter(), Progress()
     for c in range(n_chunks):
         ts = time.perf_counter()
         model.eval()
@@ -2084,7 +2165,7 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
             ttt_train_chunk(model_fn, state, val_tokens, c * C, min((c + 1) * C, n_targets), lr, h, ctx)
             ctx.sync()
             train_s.append(time.perf_counter() - ts)
-        if c % TTT_LOG_EVERY == 0 or c == n_chunks - 1:
+        if ctx.any(progress.due(c % TTT_LOG_EVERY == 0 or last)):  # meter.result() is a collective
             _, bpb = meter.result()
             ctx.log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={time.perf_counter() - t0:.1f}s")
     model.eval()
@@ -2161,8 +2242,24 @@ def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> s
     vl, vb = eval_val(run.model_c, val_tokens, h, ctx, luts)
     ctx.log(f"DIAGNOSTIC post_ema val_loss:{vl:.4f} val_bpb:{vb:.4f} "
             f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    return pack_artifact(entries, h, ctx, {"prequant_val_loss": vl, "prequant_val_bpb": vb,
-                                           "train_time_ms": run.clock.ms(), "seed": h.SEED})
+    meta = {"prequant_val_loss": vl, "prequant_val_bpb": vb, "val_targets": val_tokens.numel() - 1,
+            "eval": {k: getattr(h, k) for k in EVAL_KEYS}, "train_time_ms": run.clock.ms(), "seed": h.SEED}
+    return pack_artifact(entries, h, ctx, meta)
+
+
+def adopt_artifact_settings(path: str, h: Hyperparameters, ctx: Context):
+    """A re-evaluation scores as the run did: the artifact's model, and its evaluation settings except those
+    set in the environment (each difference is logged)."""
+    with open(path, "rb") as f:
+        header, _ = unpack_header(f.read(), path)
+    stored = header["meta"].get("eval", {})  # an artifact packed outside stage_train may have none
+    mine = {k for k in stored if k in h.explicit and getattr(h, k) != stored[k]}
+    for k in sorted(mine):
+        ctx.log(f"eval_setting:{k}={getattr(h, k)} set explicitly; the run used {stored[k]}")
+    adopted = {k: v for k, v in stored.items() if k not in mine and getattr(h, k) != v}
+    if adopted:
+        ctx.log("eval_setting:from_artifact " + " ".join(f"{k}={v}" for k, v in adopted.items()))
+    h.update(header["config"] | adopted)
 
 
 def load_eval_model(path: str, h: Hyperparameters, ctx: Context) -> tuple[GPT, dict]:
@@ -2200,7 +2297,10 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
     (vl, vb), ms = timed(eval_val, model_fn, val_tokens, h, ctx, luts)
     log_metric(ctx, "final_int6_roundtrip", vl, vb, f" eval_time:{ms:.0f}ms")
     if "prequant_val_bpb" in meta:
-        ctx.log(f"quant_gap val_bpb:{vb - meta['prequant_val_bpb']:+.6f}")
+        L, n = meta["eval"]["EVAL_SEQ_LEN"], meta["val_targets"]
+        same = (L, n) == (h.EVAL_SEQ_LEN, val_tokens.numel() - 1)
+        ctx.log(f"quant_gap val_bpb:{vb - meta['prequant_val_bpb']:+.6f}" if same else
+                f"quant_gap:n/a (prequant scored {n} targets at EVAL_SEQ_LEN={L})")
     sliding_nll = None if h.TTT_ENABLED else nll_out  # the dump holds the last pass
     (vl, vb), ms = timed(eval_val_sliding, model_fn, val_tokens, h, ctx, luts, sliding_nll)
     log_metric(ctx, "final_int6_sliding_window", vl, vb, f" stride:{h.EVAL_STRIDE} eval_time:{ms:.0f}ms")
@@ -2217,25 +2317,61 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
     ctx.log(f"final_eval_time:{time.perf_counter() - t_eval0:.1f}s budget:{h.EVAL_BUDGET_SECONDS:.0f}s")
 
 
-def main():
-    h = Hyperparameters()
-    ctx = Context(h)
+def check_outputs(h: Hyperparameters):
+    """Fails at start-up, not after training: each file the run writes needs a writable directory."""
+    for name in ("DUMP_TOKEN_NLL",) + (() if h.EVAL_ARTIFACT else ("ARTIFACT_PATH",)):
+        path = getattr(h, name)
+        folder = os.path.dirname(os.path.abspath(path))
+        why = "a directory" if os.path.isdir(path) else f"{folder}: missing or read-only"
+        if path and (os.path.isdir(path) or not os.access(folder, os.W_OK)):
+            raise ValueError(f"{name}={path}: cannot be written ({why})")
+
+
+def report_crash(e: BaseException, ctx: Context | None):
+    """A crash's traceback goes into the run log, and one `error:` line, printed last and once (rank 0), to
+    the console: under torchrun, eight tracebacks would bury it. The other ranks log their error line."""
+    line = f"error: {type(e).__name__}: {e}"
+    rank = int(os.environ.get("RANK", "0"))
+    if ctx is not None:
+        with contextlib.suppress(OSError), open(ctx.logfile, "a", encoding="utf-8") as f:
+            if rank == 0:
+                traceback.print_exception(e, file=f)
+            print(line if rank == 0 else f"rank {rank}: {line}", file=f)
+    if rank == 0:
+        print(line + (f" (traceback: {ctx.logfile})" if ctx else ""), file=sys.stderr, flush=True)
+
+
+def run(h: Hyperparameters, ctx: Context):
     log_environment(h, ctx)
+    check_outputs(h)
     ctx.log(f"attention_backend:{set_attention_backend(ctx.device)}")
     if ctx.cuda and ATTN_BACKEND == "sdpa":
         ctx.log(pin_sdpa_kernels(h))
+    if h.EVAL_ARTIFACT:
+        adopt_artifact_settings(h.EVAL_ARTIFACT, h, ctx)
     sp = load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
+    check_manifest(h, ctx)
     luts = build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device)
     ctx.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.TOKENIZER_PATH}")
     val_pattern = f"{h.DATA_PATH}/fineweb_val_*.bin"
-    seq_len = max(h.TRAIN_SEQ_LEN, h.EVAL_SEQ_LEN)
-    val_tokens = load_validation_tokens(val_pattern, seq_len, h.VOCAB_SIZE).to(ctx.device)
+    val_tokens = load_validation_tokens(val_pattern, h.EVAL_SEQ_LEN, h.VOCAB_SIZE).to(ctx.device)
     ctx.log(f"val_loader:shards pattern={val_pattern} tokens:{val_tokens.numel() - 1}")
     path = h.EVAL_ARTIFACT or stage_train(h, ctx, val_tokens, luts)
     stage_evaluate(path, h, ctx, val_tokens, luts)
     if dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it (gloo aborts at exit otherwise)
         dist.destroy_process_group()
+
+
+def main():
+    ctx = None
+    try:
+        h = Hyperparameters()
+        ctx = Context(h)
+        run(h, ctx)
+    except (Exception, KeyboardInterrupt) as e:
+        report_crash(e, ctx)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ as uint16. Every document is BOS + its tokens (no EOS); documents run on across 
 Validation is the first --val-docs documents of --input (default 50,000, like the challenge), or the
 documents of --val-input (all of them, or its first --val-docs). Training is every other document.
 
+Beside the shards, DIR/manifest.json records the tokenizer (file name, sha256, vocab size) and each split's
+shards, tokens and documents, so that train_gpt.py can refuse shards evaluated with another tokenizer.
+
 Examples:
   python data/build_shards.py --input text/*.jsonl --tokenizer tok.model --output data/datasets/mine
   python data/build_shards.py --input corpus/ --tokenizer data/tokenizers/my_8192_bpe.model \\
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -47,6 +51,8 @@ MAX_VOCAB = 1 << 16  # token ids are stored as uint16, so ids must stay <= 65535
 DATA_DIR = Path(__file__).resolve().parent
 SHARD_NAME = re.compile(r"fineweb_(train|val)_\d{6}\.bin")
 BATCH_DOCS, BATCH_CHARS = 256, 1 << 20  # per worker task: big enough to amortise IPC, small in memory
+MANIFEST_NAME, MANIFEST_FORMAT = "manifest.json", 1
+COUNT_CHUNK = 1 << 24  # tokens per read when counting documents: a 100M-token shard never sits in memory
 
 
 class BuildError(Exception):
@@ -70,8 +76,8 @@ def write_shard(path: str | Path, tokens) -> None:
         f.write(tokens.astype("<u2").tobytes())
 
 
-def read_shard(path: str | Path) -> np.ndarray:
-    """Return the tokens of a shard, checking its header and exact size."""
+def shard_length(path: str | Path) -> int:
+    """The token count in a shard's header, checked against the header and the file's exact size."""
     path = Path(path)
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != MAGIC or header[1] != VERSION:
@@ -79,7 +85,22 @@ def read_shard(path: str | Path) -> np.ndarray:
     n, size = int(header[2]), path.stat().st_size
     if size != HEADER_BYTES + 2 * n:
         raise BuildError(f"{path}: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes) but file has {size} bytes")
+    return n
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Return the tokens of a shard, checking its header and exact size."""
+    shard_length(path)
     return np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
+
+
+def count_documents(path: str | Path) -> int:
+    """The BOS tokens in a shard (one per document), read through a memory map chunk by chunk."""
+    n = shard_length(path)
+    if n == 0:
+        return 0  # np.memmap cannot map zero bytes
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+    return sum(int(np.count_nonzero(tokens[i:i + COUNT_CHUNK] == BOS_ID)) for i in range(0, n, COUNT_CHUNK))
 
 
 class ShardWriter:
@@ -328,6 +349,54 @@ def ordered_map(fn, tasks: Iterable[tuple[str, list[str]]], model: str, workers:
             yield split0, n0, res.get()
 
 
+# ---- manifest ------------------------------------------------------------------------------------
+# DIR/manifest.json names the tokenizer the shards were made with: shards of one 1024-piece tokenizer
+# evaluated with another give a wrong val_bpb and no error, so train_gpt.py checks the tokenizer against it.
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def split_paths(shard_dir: str | Path, split: str) -> list[Path]:
+    return sorted(p for p in Path(shard_dir).glob(f"fineweb_{split}_*.bin") if SHARD_NAME.fullmatch(p.name))
+
+
+def shard_manifest(shard_dir: str | Path, tokenizer_path: str | Path, written_by: str) -> dict:
+    """The manifest of the shards now in SHARD_DIR, made with the tokenizer at TOKENIZER_PATH."""
+    splits = {}
+    for split in ("train", "val"):
+        paths = split_paths(shard_dir, split)
+        splits[split] = {"shards": len(paths), "tokens": sum(map(shard_length, paths)),
+                         "documents": sum(map(count_documents, paths))}
+    tokenizer = {"file": Path(tokenizer_path).name, "sha256": sha256(tokenizer_path),
+                 "vocab_size": load_tokenizer(tokenizer_path).vocab_size()}
+    return {"format": MANIFEST_FORMAT, "tokenizer": tokenizer, "splits": splits, "written_by": written_by}
+
+
+def save_manifest(shard_dir: str | Path, manifest: dict) -> None:
+    """Write SHARD_DIR/manifest.json atomically: a reader sees the old file or the new one, never a part."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there if something failed
+
+
+def write_manifest(shard_dir: str | Path, tokenizer_path: str | Path, written_by: str) -> dict:
+    """Count the shards in SHARD_DIR, hash the tokenizer and write SHARD_DIR/manifest.json; return it."""
+    manifest = shard_manifest(shard_dir, tokenizer_path, written_by)
+    save_manifest(shard_dir, manifest)
+    return manifest
+
+
 # ---- build ---------------------------------------------------------------------------------------
 
 def build(inputs, tokenizer, output, *, val_inputs=None, val_docs: int | None = None,
@@ -367,17 +436,31 @@ def build(inputs, tokenizer, output, *, val_inputs=None, val_docs: int | None = 
         if stats["train"]["docs"] == 0:
             raise BuildError(f"no training documents: all {stats['val']['docs']} went to validation "
                              "(lower --val-docs or use --val-input)")
-        for old in output.iterdir():  # never mix with shards of an earlier build
-            if SHARD_NAME.fullmatch(old.name):
+        # counted in staging, where shards already bear their final names: a mismatch keeps the old dataset
+        manifest = checked_manifest(staging, tokenizer, stats)
+        for old in output.iterdir():  # never mix with shards (or the manifest) of an earlier build
+            if SHARD_NAME.fullmatch(old.name) or old.name == MANIFEST_NAME:
                 old.unlink()
         for w in writers.values():
             for p in w.paths:
                 os.replace(p, output / p.name)
+        save_manifest(output, manifest)
     except OSError as e:
         raise BuildError(f"cannot write shards to {output} ({e.strerror or e})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return stats
+
+
+def checked_manifest(staging: Path, tokenizer, stats: dict) -> dict:
+    """The manifest of the staged shards, which must hold what the build counted while writing them."""
+    manifest = shard_manifest(staging, tokenizer, "data/build_shards.py")
+    for split, st in stats.items():
+        want = {"shards": st["shards"], "tokens": st["tokens"], "documents": st["docs"]}
+        got = manifest["splits"][split]
+        if got != want:
+            raise BuildError(f"{split} shards on disk hold {got}, but the build wrote {want}")
+    return manifest
 
 
 def summary(stats: dict) -> str:

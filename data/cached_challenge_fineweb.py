@@ -16,11 +16,13 @@ Every validation shard is fetched, plus the first --train-shards training shards
 complete are skipped. Each file is downloaded under data/datasets/.staging/ (huggingface_hub resumes
 an interrupted transfer from there), checked (shard header vs. size; size and sha256 when the
 manifest lists them) and only then renamed to its final name.
+
+At the end, data/datasets/fineweb10B_sp<V>/manifest.json (not the source's manifest above) is rewritten
+over every shard in that folder, with the sha256 of the variant's tokenizer, for train_gpt.py to check.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +31,8 @@ import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from build_shards import BuildError, sha256, write_manifest  # data/ is on sys.path when run as a script
 
 OFFICIAL_REPO_ID = "willdepueoai/parameter-golf"
 # Exports that are not in the challenge's repo. kevclark/parameter-golf is the repo the SP4096 records
@@ -88,14 +92,6 @@ def shard_size_ok(path: Path) -> bool:
     return magic == MAGIC and version == VERSION and size == HEADER_BYTES + 2 * n
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_file(path: Path, expected: dict, *, hash_it: bool) -> str | None:
     """Return why `path` is not a complete, correct copy, or None if it is."""
     size = path.stat().st_size
@@ -119,22 +115,32 @@ def fetch_verified(fetcher, remote_root: str, rel: str, dest: Path, staging: Pat
     os.replace(staged, dest)
 
 
-def plan(manifest: dict, variant: str, train_shards: int) -> list[str]:
-    """Remote paths (relative to the root) needed for `variant` with `train_shards` training shards."""
+def dataset_dir(variant: str) -> str:
+    return f"datasets/fineweb10B_{variant}"
+
+
+def find_entries(manifest: dict, variant: str) -> tuple[dict, dict]:
+    """The source manifest's entries for `variant`'s dataset and for its tokenizer."""
     name = f"fineweb10B_{variant}"
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == name), None)
     if entry is None:
         names = ", ".join(d.get("name", "?") for d in manifest.get("datasets", []))
         raise DownloadError(f"dataset {name} is not in the manifest (available: {names})")
-    stats = entry.get("stats") or {}
-    n_train, n_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
-    if train_shards > n_train:
-        raise DownloadError(f"{name} has only {n_train} training shards, {train_shards} requested")
     tok = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None)
     if tok is None:
         raise DownloadError(f"tokenizer {entry.get('tokenizer_name')!r} of {name} is not in the manifest")
-    files = [f"datasets/{name}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
-    files += [f"datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
+    return entry, tok
+
+
+def plan(manifest: dict, variant: str, train_shards: int) -> list[str]:
+    """Remote paths (relative to the root) needed for `variant` with `train_shards` training shards."""
+    entry, tok = find_entries(manifest, variant)
+    name, stats = entry["name"], entry.get("stats") or {}
+    n_train, n_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
+    if train_shards > n_train:
+        raise DownloadError(f"{name} has only {n_train} training shards, {train_shards} requested")
+    files = [f"{dataset_dir(variant)}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    files += [f"{dataset_dir(variant)}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     files += [tok[k] for k in ("model_path", "vocab_path", "path") if tok.get(k)]
     for rel in files:  # they become paths under data/: never absolute, never climbing out of it
         if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel:
@@ -192,7 +198,21 @@ def download(variant: str, train_shards: int, *, fetcher=None, data_dir: Path = 
     for rel in tqdm(todo, unit="file", desc="downloading", file=sys.stderr, disable=not progress):
         fetch_verified(fetcher, remote_root, rel, local_path(data_dir, rel), staging, known.get(rel, {}))
     shutil.rmtree(staging, ignore_errors=True)  # everything is in place; drop resume state
+    update_shard_manifest(data_dir, variant, find_entries(manifest, variant)[1])
     return [local_path(data_dir, rel) for rel in files]
+
+
+def update_shard_manifest(data_dir: Path, variant: str, tok: dict) -> None:
+    """Rewrite the variant's shard manifest over every shard in its folder: train shards fetched by an
+    earlier run with a larger --train-shards count too, since train_gpt.py reads them all."""
+    if not tok.get("model_path"):  # e.g. a byte-level tokenizer: no SentencePiece model to describe
+        print(f"note: {variant} has no SentencePiece tokenizer, so no shard manifest", file=sys.stderr)
+        return
+    try:
+        write_manifest(local_path(data_dir, dataset_dir(variant)), local_path(data_dir, tok["model_path"]),
+                       "data/cached_challenge_fineweb.py")
+    except (BuildError, OSError) as e:
+        raise DownloadError(f"cannot write the shard manifest of {variant}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

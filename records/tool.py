@@ -2,13 +2,15 @@
 """Records tool for the Parameter Golf 10min/16MB track.
 
     python records/tool.py parse LOG                  # one run log -> JSON
-    python records/tool.py new --name N --author A --github-id G [--against PREV] [--rule R] LOG...
+    python records/tool.py new --name N --author A --github-id G [--against PREV] [--rule R] [--dry-run]
+                               LOG...
     python records/tool.py check FOLDER [--against PREV] [--rule R] # verify a record against the rules
     python records/tool.py compare [--markdown] [--plots DIR] LOG_OR_FOLDER...
 
 Works on plain log files in the lineage's format (records/track_10min_16mb/*/train_seed*.log in
 openai/parameter-golf) and in ours (the same lines plus hparam:, tok_s:, gptq:calibration ...,
-final_eval_time:). See records/README.md ("Submitting").
+final_eval_time:, run_invalid:, error:). See records/README.md ("Submitting"). A bad path or argument
+ends in one `error: ...` line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -48,6 +50,16 @@ KNOWN_METRICS = {f"{base}{sfx}" for base in ("final_int6_roundtrip", "final_int6
                                              "final_int6_sliding_window_s64", "final_int8_zlib_roundtrip",
                                              "legal_ttt") for sfx in ("", "_exact")}
 RULE = "=" * 100
+
+
+class UsageError(Exception):
+    """A bad path or argument: main prints it as one 'error: ' line and exits 2, never as a traceback."""
+
+
+SEEDS_NEEDED = 3
+# The track's hardware: nvidia-smi lists this many GPUs of this model, and (where logged) this many ranks ran.
+GPUS_NEEDED, GPU_MODEL = 8, "H100"
+EVAL_ONLY = "an evaluation-only run (EVAL_ARTIFACT={}); a record needs the training log"
 
 # ----------------------------------------------------------------------------------------- parse
 KV = r"(\w+)[:=](\[[^\]]*\]|\S+)"  # key:value or key=value; values may be python lists
@@ -101,19 +113,21 @@ def _header(text: str, r: dict) -> list[str]:
 
 def parse_log(text: str) -> dict:
     """Parse one run log (ours or the lineage's) into a dict; unknown lines land in 'unparsed'."""
-    r = {"status": None, "problems": [], "env": None, "log_path": None, "hparams": {}, "config": {},
+    r = {"status": None, "kind": None, "problems": [], "invalid": [], "env": None, "log_path": None,
+         "hparams": {}, "config": {}, "eval_model": None,
          "seed": None, "warmup_steps": 0, "train": [], "val": [], "iterations": None, "steps": None,
          "train_time_ms": None, "step_avg_ms": None, "stop_reason": None, "peak_memory_mib": None,
          "events": {}, "gptq": {}, "sizes": {}, "final": {}, "diagnostics": {}, "ttt": {"chunks": []},
          "quant_gap_bpb": None, "final_eval_time_s": None, "eval_budget_s": None, "error": None,
          "unparsed": []}
-    started = crashed = False
+    # stated: rank 0's crash handler named the exception, and nothing after overrides it
+    started = crashed = stated = False
     for line in _header(text, r):
         s = line.strip()
         if not s:
             continue
         crashed = crashed or bool(CRASH.search(s))
-        if crashed and (m := ERROR.search(s)):
+        if crashed and not stated and (m := ERROR.search(s)):
             r["error"] = m[1]
         if m := re.match(r"step:(\d+)/(\d+) (.*train_time:\d+ms.*)", s):  # a half-written line stays unparsed
             started = True
@@ -169,6 +183,16 @@ def parse_log(text: str) -> dict:
             r["final_eval_time_s"], r["eval_budget_s"] = float(m[1]), float(m[2])
         elif re.fullmatch(r"logs/\S+\.txt", s):
             r["log_path"] = s
+        elif m := re.match(r"run_invalid: (.+)", s):  # the script's own verdict: the run broke a rule
+            r["invalid"].append(m[1])
+        elif m := re.match(r"calibration_short: (.+)", s):
+            r["gptq"]["calibration_short"] = m[1]
+        elif m := re.match(r"eval_model:(\S+)", s):
+            r["eval_model"] = m[1]
+        elif m := re.match(r"(rank \d+: )?error: (\S.*)", s):  # our crash handler; other ranks prefix it
+            crashed = True
+            if not stated:  # rank 0's line wins; another rank's stands in until it comes
+                r["error"], stated = (m[1] or "") + m[2].rstrip(": "), not m[1]
         elif not started and not s.startswith("step:") and CONFIG_LINE.fullmatch(s):
             r["config"].update(kv(s))
         else:
@@ -199,8 +223,10 @@ def _finish(r: dict, crashed: bool) -> None:
     elif any("eval_time_ms" in v for v in r["final"].values()):
         r["eval_time_s"] = sum(v.get("eval_time_ms", 0) for v in r["final"].values()) / 1000
         r["eval_time_source"] = "sum of final_*/legal_ttt eval_time (excludes load and compile)"
+    # EVAL_ARTIFACT re-evaluates a saved model: no training lines, by design (not a cut log)
+    r["kind"] = "eval_only" if r["hparams"].get("EVAL_ARTIFACT") and not (r["train"] or r["val"]) else "train"
     missing = []
-    if r["stop_reason"] is None:
+    if r["stop_reason"] is None and r["kind"] == "train":
         missing.append("training did not finish (no stopping_early line, last step < iterations)")
     if name is None:
         missing.append("no final metric")
@@ -264,16 +290,20 @@ def significance(prev: list[float], runs: list[dict]) -> dict:
 def previous_bpbs(path: Path) -> tuple[str, list[float]]:
     """Per-seed legal val_bpb of a previous record: from its logs, else its submission.json (seed_results, or
     the older per-seed 'seeds' object)."""
+    given = path
     if path.is_dir():
-        runs = [r for r in load_runs(path) if r["legal_metric"]]
+        runs = [r for r in load_runs(path) if r["legal_metric"] and r["kind"] == "train"]
         if runs:
             return path.name, [r["legal_metric"]["val_bpb"] for r in runs]
         path = path / "submission.json"
-    sub = json.loads(path.read_text())
+    try:
+        sub = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--against {given}: no seed logs and no readable submission.json ({e})") from None
     per_seed = sub.get("seed_results") or (sub["seeds"] if isinstance(sub.get("seeds"), dict) else {})
     bpbs = [v["val_bpb"] for v in per_seed.values() if "val_bpb" in v]
     if not bpbs:
-        raise SystemExit(f"{path}: no logs and no per-seed val_bpb (seed_results) to test against")
+        raise UsageError(f"--against {given}: no logs and no per-seed val_bpb (seed_results) to test against")
     return sub.get("name", path.parent.name), bpbs
 
 
@@ -365,7 +395,7 @@ def compliance(runs: list[dict], code_bytes: int) -> dict:
             "logs_complete": all(r["status"] == "complete" for r in runs),
             "same_config_all_seeds": not config_differences(runs),
             "code_bytes_match_logs": all(r["sizes"].get("code") == code_bytes for r in runs),
-            "three_seeds": len(runs) >= 3}
+            "three_seeds": len(runs) >= SEEDS_NEEDED, "hardware_8xh100": _all_hardware_ok(runs)}
 
 
 # ---------------------------------------------------------------------------------------- new
@@ -391,7 +421,7 @@ def build_submission(runs: list[dict], meta: dict, code_bytes: int, against: Pat
            "bytes_total": max(sizes), "bytes_code": code_bytes, "artifact_bytes_mean": round(statistics.fmean(sizes)),
            "train_steps_mean": round(statistics.fmean(r["steps"] for r in runs), 2),
            "step_avg_ms_mean": round(statistics.fmean(r["step_avg_ms"] for r in runs), 2),
-           "pytorch_version": (runs[0]["env"] or {}).get("pytorch"), "hardware": _hardware(runs[0]),
+           "pytorch_version": (runs[0]["env"] or {}).get("pytorch"), "hardware": _hardware_of(runs),
            "compliance": compliance(runs, code_bytes)}
     if against:
         base, prev = previous_bpbs(against)
@@ -408,6 +438,27 @@ def _hardware(r: dict) -> str | None:
     """'8×NVIDIA H100 80GB HBM3' from the nvidia-smi block of a file log (console logs lack it)."""
     gpus = (r["env"] or {}).get("gpus") or []
     return f"{len(gpus)}×{gpus[0]}" if gpus else None
+
+
+def _hardware_of(runs: list[dict]) -> str | None:
+    """Every seed's hardware, not the first one's: seeds that ran on different machines say so."""
+    found = {_hardware(r) for r in runs}
+    return found.pop() if len(found) == 1 else " / ".join(sorted(h or "unknown" for h in found))
+
+
+def hardware_ok(r: dict) -> bool | None:
+    """8×H100: nvidia-smi lists 8 H100s and, where the log has world_size, 8 ranks ran (nvidia-smi lists
+    every GPU in the machine, used or not). None when the log has no nvidia-smi GPU lines."""
+    gpus = (r["env"] or {}).get("gpus") or []
+    if not gpus:
+        return None
+    ranks = r["config"].get("world_size", GPUS_NEEDED)
+    return len(gpus) == GPUS_NEEDED and all(GPU_MODEL in g for g in gpus) and ranks == GPUS_NEEDED
+
+
+def _all_hardware_ok(runs: list[dict]) -> bool | None:
+    oks = [hardware_ok(r) for r in runs]
+    return False if False in oks else None if None in oks else True
 
 
 def readme_text(sub: dict, runs: list[dict], folder: Path) -> str:
@@ -459,9 +510,16 @@ def _fmt(x, spec):
     return "–" if x is None else format(x, spec)
 
 
+def latest_record(records_dir: Path, new: Path | None = None) -> Path:
+    """Our latest record (folders are named <date>_<name>), counting `new` as if it were written."""
+    found = [p for p in (records_dir.iterdir() if records_dir.is_dir() else [])
+             if (p / "submission.json").is_file()]
+    return max(found + [new] * (new is not None))
+
+
 def refresh_top_level(records_dir: Path, out: Path) -> Path:
-    """Our latest record (folders are named <date>_<name>) becomes the project's submission.json."""
-    latest = max(p for p in records_dir.iterdir() if (p / "submission.json").is_file())
+    """Our latest record becomes the project's submission.json."""
+    latest = latest_record(records_dir)
     sub = json.loads((latest / "submission.json").read_text())
     try:
         rel = latest.relative_to(out.parent)
@@ -476,33 +534,78 @@ def _refuse_unless(bad: list[str], why: str):
         raise SystemExit(f"refusing: {why}:\n  " + "\n  ".join(bad))
 
 
-def cmd_new(a) -> int:
-    runs = [r for p in a.logs for r in load_runs(Path(p))]
-    _refuse_unless([f"{r['path']}: {r['status']} ({'; '.join(r['problems']) or r['error']})" for r in runs
-                    if r["status"] != "complete"], "incomplete runs (a record needs every log whole, to its final lines)")
+def _why(r: dict) -> str:
+    """'crashed (ValueError: bad shape; ...)': the status and what made it so, the exception first."""
+    return f"{r['status']} ({'; '.join(filter(None, [r['error'], *r['problems']]))})"
+
+
+def _refuse_bad_runs(runs: list[dict], logs: list[str]) -> None:
+    """What in the logs themselves rules a record out; checked before anything is written."""
+    if not runs:
+        raise SystemExit(f"refusing: no run logs in {', '.join(logs)}")
+    _refuse_unless([f"{r['path']}: {EVAL_ONLY.format(r['hparams']['EVAL_ARTIFACT'])}" for r in runs
+                    if r["kind"] == "eval_only"], "evaluation-only logs are not seed logs")
+    _refuse_unless([f"{r['path']}: {_why(r)}" for r in runs if r["status"] != "complete"],
+                   "incomplete runs (a record needs every log whole, to its final lines)")
+    _refuse_unless([f"{r['path']}: run_invalid: {'; '.join(r['invalid'])}" for r in runs if r["invalid"]],
+                   "the script declared these runs invalid")
     seeds = [r["seed"] for r in runs]
     if None in seeds or len(set(seeds)) < len(seeds):
         raise SystemExit(f"refusing: each log needs its own seed (the files are named by it): {seeds}")
     if len({r["legal_metric"]["name"] for r in runs}) > 1:
-        raise SystemExit("refusing: seeds disagree on the final metric: " + ", ".join(r["legal_metric"]["name"] for r in runs))
-    _refuse_unless(config_differences(runs), "the seeds ran different configurations (one record is one configuration, #2124)")
+        raise SystemExit("refusing: seeds disagree on the final metric: "
+                         + ", ".join(f"{Path(r['path']).name}: {r['legal_metric']['name']}" for r in runs))
+    _refuse_unless(config_differences(runs),
+                   "the seeds ran different configurations (one record is one configuration, #2124)")
+
+
+def _bytes(content: bytes | str) -> bytes:
+    return content if isinstance(content, bytes) else content.encode()
+
+
+def _write(dest: Path, content: bytes | str | Path) -> None:
+    """A Path is a file to copy (a seed log); bytes or text are written as they are."""
+    if isinstance(content, Path):
+        shutil.copy(content, dest)
+    else:
+        dest.write_bytes(_bytes(content))
+
+
+def print_plan(folder: Path, files: dict, top_level: Path, latest: Path) -> int:
+    """--dry-run: every file `new` would create, the submission.json text and the file it would refresh."""
+    print(f"dry run, nothing written; would create {folder}/ with:")
+    for name, content in files.items():
+        copy = isinstance(content, Path)
+        size = content.stat().st_size if copy else len(_bytes(content))
+        print(f"  {name} ({size:,} bytes{f', a copy of {content}' if copy else ''})")
+    print(f"would refresh {top_level} from {latest / 'submission.json'}")
+    print(f"\n{folder / 'submission.json'}:\n{files['submission.json']}", end="")
+    return 0
+
+
+def cmd_new(a) -> int:
+    runs = [r for p in a.logs for r in load_runs(Path(p))]
+    _refuse_bad_runs(runs, a.logs)
     code = Path(a.script).read_bytes()
-    _refuse_unless([f"{Path(r['path']).name}: {text}" for r in runs for ok, text in byte_checks(r, code, a.script) if not ok],
+    _refuse_unless([f"{Path(r['path']).name}: {text}" for r in runs
+                    for ok, text in byte_checks(r, code, a.script) if not ok],
                    f"the logs' byte lines do not match {a.script} (--script must be the file that ran)")
     date = a.date or datetime.date.today().isoformat()
     folder = Path(a.records_dir) / f"{date}_{re.sub(r'[^A-Za-z0-9]+', '_', a.name).strip('_')}"
-    folder.mkdir(parents=True)  # never overwrite a record
-    (folder / "train_gpt.py").write_bytes(code)
-    for r in runs:
-        shutil.copy(r["path"], folder / f"train_seed{r['seed']}.log")
+    if folder.exists():
+        raise SystemExit(f"refusing: {folder} exists (a record folder is never overwritten)")
     meta = {"name": a.name, "author": a.author, "github_id": a.github_id, "date": date, "blurb": a.blurb}
-    against = Path(a.against) if a.against else None
-    sub = build_submission(runs, meta, len(code), against, a.rule or "progression")
-    (folder / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
-    (folder / "README.md").write_text(readme_text(sub, runs, folder))
+    sub = build_submission(runs, meta, len(code), a.against, a.rule or "progression")
+    files = {"train_gpt.py": code, **{f"train_seed{r['seed']}.log": Path(r["path"]) for r in runs},
+             "submission.json": json.dumps(sub, indent=2) + "\n", "README.md": readme_text(sub, runs, folder)}
+    if a.dry_run:
+        return print_plan(folder, files, Path(a.top_level), latest_record(Path(a.records_dir), folder))
+    folder.mkdir(parents=True)  # never overwrite a record
+    for name, content in files.items():
+        _write(folder / name, content)
     refresh_top_level(Path(a.records_dir), Path(a.top_level))
     print(f"created {folder}; refreshed {a.top_level}\n")
-    return check(folder, against, a.rule)
+    return check(folder, a.against, a.rule)
 
 
 # -------------------------------------------------------------------------------------- check
@@ -512,13 +615,12 @@ def check(folder: Path, against: Path | None, rule: str | None = None) -> int:
     add = lambda ok, text, warn=False: results.append(("PASS" if ok else "WARN" if warn else "FAIL", text))  # noqa: E731
     runs = load_runs(folder)
     script = folder / "train_gpt.py"
-    add(bool(runs), f"{len(runs)} seed logs found")
+    seeds = {r["seed"] for r in runs if r["kind"] == "train"} - {None}
+    add(len(seeds) >= SEEDS_NEEDED, f"a record needs {SEEDS_NEEDED} seeds: found {len(seeds)}")
     add(script.is_file(), "train_gpt.py present")
     add((folder / "submission.json").is_file(), "submission.json present")
-    for r in runs:
-        add(r["status"] == "complete", f"{Path(r['path']).name}: {r['status']}"
-            + (f" ({'; '.join(r['problems']) or r['error']})" if r["status"] != "complete" else ""))
-    runs = [r for r in runs if r["legal_metric"]]
+    _check_logs(runs, add)
+    runs = [r for r in runs if r["legal_metric"] and r["kind"] == "train"]
     if not runs or not script.is_file():
         return _report(results)
     code = script.read_bytes()
@@ -531,6 +633,29 @@ def check(folder: Path, against: Path | None, rule: str | None = None) -> int:
     if against:
         _check_significance(against, runs, rule, results)
     return _report(results)
+
+
+def _check_logs(runs: list[dict], add) -> None:
+    """Per log: a training log, whole, not declared invalid by the script, run on the track's hardware."""
+    for r in runs:
+        name = Path(r["path"]).name
+        if r["kind"] == "eval_only":
+            add(False, f"{name}: {EVAL_ONLY.format(r['hparams']['EVAL_ARTIFACT'])}")
+            continue
+        add(r["status"] == "complete", f"{name}: {r['status'] if r['status'] == 'complete' else _why(r)}")
+        for reason in r["invalid"]:
+            add(False, f"{name}: run_invalid: {reason}")
+        _check_hardware(r, add)
+
+
+def _check_hardware(r: dict, add) -> None:
+    """Unknown hardware (a console log, no nvidia-smi) is a WARN for reviewers; known and wrong fails."""
+    tag, ok, need = f"seed {r['seed']}", hardware_ok(r), f"a record runs on {GPUS_NEEDED}×{GPU_MODEL}"
+    if ok is None:
+        add(False, f"{tag}: hardware unknown (no nvidia-smi GPU lines in the log); {need}", warn=True)
+        return
+    ranks = r["config"].get("world_size")
+    add(ok, f"{tag}: ran on {_hardware(r)}{'' if ranks is None else f' with world_size {ranks}'}; {need}")
 
 
 def _check_budgets(r: dict, code_bytes: int, add) -> None:
@@ -546,6 +671,9 @@ def _check_budgets(r: dict, code_bytes: int, add) -> None:
     if "calibration_end_ms" in r:
         c = r["calibration_end_ms"]
         add(c <= TRAIN_BUDGET_MS, f"{tag}: GPTQ calibration ended at {c} ms <= {TRAIN_BUDGET_MS} (training clock)")
+    if short := r["gptq"].get("calibration_short"):  # fewer Hessian samples than configured: a weaker model
+        add(False, f"{tag}: GPTQ calibrated on fewer batches than configured (calibration_short: {short})",
+            warn=True)
     if (d := r["gptq"].get("done_train_time_ms")) is not None:  # the solve reads no data: tolerated past the cap
         add(d <= TRAIN_BUDGET_MS, f"{tag}: GPTQ finished at {d} ms <= {TRAIN_BUDGET_MS} (training clock; "
                                   f"a solve after the cap is tolerated, frontier.md §3.3)", warn=True)
@@ -746,7 +874,7 @@ RULE_HELP = ("significance rule that decides (both are reported): progression = 
              "systems = waived, for a systems-only change")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp = ap.add_subparsers(dest="cmd", required=True)
     p = sp.add_parser("parse", help="print a run log as JSON")
@@ -763,6 +891,8 @@ def main(argv=None) -> int:
     p.add_argument("--top-level", default=str(ROOT / "submission.json"), help="project submission.json to refresh")
     p.add_argument("--against", help="previous record (folder or submission.json) for the Welch test")
     p.add_argument("--rule", choices=["progression", "readme", "systems"], help=RULE_HELP)
+    p.add_argument("--dry-run", action="store_true", help="print the folder, its files, submission.json "
+                                                          "and the file it would refresh; write nothing")
     p = sp.add_parser("check", help="verify a record folder against the rules")
     p.add_argument("folder")
     p.add_argument("--against", help="previous record (folder or submission.json) for the Welch test")
@@ -771,15 +901,57 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+")
     p.add_argument("--markdown", action="store_true", help="Markdown table (for PR descriptions)")
     p.add_argument("--plots", default="compare_plots", help="folder for the PNG plots")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _path(p: str, flag: str = "", want: str = "") -> Path:
+    """An existing path, or a UsageError naming it; want ('log file', 'record folder') says which kind."""
+    path = Path(p)
+    if not path.exists():
+        raise UsageError(f"{flag}{p}: no such file or folder")
+    if want and path.is_dir() != want.endswith("folder"):
+        raise UsageError(f"{flag}{p}: must be a {want}")
+    return path
+
+
+def _against(p: str | None) -> Path | None:
+    """The previous record: its folder (logs, else submission.json) or its submission.json, never a log."""
+    if p is None:
+        return None
+    path = _path(p, "--against ")
+    if not (path.is_dir() or path.suffix == ".json"):
+        raise UsageError(f"--against {p}: must be a record folder or its submission.json")
+    previous_bpbs(path)  # unusable: an error now, before new writes or check prints anything
+    return path
+
+
+def _run(a) -> int:
+    """Every path is checked before a command reads or writes, so a typo is one line, not a traceback."""
     if a.cmd == "parse":
-        print(json.dumps(parse_log(Path(a.log).read_text(errors="replace")), indent=1))
+        print(json.dumps(parse_log(_path(a.log, want="log file").read_text(errors="replace")), indent=1))
         return 0
-    if a.cmd == "new":
-        return cmd_new(a)
+    if a.cmd == "compare":
+        for p in a.paths:
+            _path(p)
+        return cmd_compare(a)
+    a.against = _against(a.against)
     if a.cmd == "check":
-        return check(Path(a.folder), Path(a.against) if a.against else None, a.rule)
-    return cmd_compare(a)
+        return check(_path(a.folder, want="record folder"), a.against, a.rule)
+    for p in a.logs:
+        _path(p)
+    _path(a.script, "--script ", want="file")
+    if not Path(a.top_level).resolve().parent.is_dir():
+        raise UsageError(f"--top-level {a.top_level}: its folder does not exist")
+    return cmd_new(a)
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        return _run(a)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -373,25 +373,69 @@ def test_rope_scaling_none_keeps_the_plain_base():
     torch.testing.assert_close(sin.double(), want_sin, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("swa_weight", [0.0, 0.5])
+@pytest.mark.parametrize("swa_weight", [0.0, 0.3])
 def test_final_weights_are_ema_alone_by_default_and_the_blend_when_set(swa_weight):
+    """EMA_DECAY = 0.9 (asymmetric: 0.5 cannot tell ema = d ema + (1-d) p from its reverse). After every update
+    each parameter's EMA is the hand recurrence ema = 0.9 ema + 0.1 p from the initial weights; apply() sets
+    every parameter to exactly its EMA, or with SWA_WEIGHT = w and snapshots at lr_mult < SWA_START_LR every
+    SWA_EVERY steps to (1 - w) EMA + w mean(snapshots) (w = 0.3: asymmetric too)."""
     h = tg.Hyperparameters(tiny_env("unused.model", "unused", SWA_WEIGHT=swa_weight, SWA_EVERY=2, SWA_START_LR=0.5,
-                                    EMA_DECAY=0.5))
-    model = torch.nn.Linear(2, 1, bias=False)
+                                    EMA_DECAY=0.9))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)  # two parameters of different shapes
     ctx = FakeCtx()
     avg = tg.WeightAverages(model, h)
-    ema, snaps = model.weight.detach().clone(), []
+    ema = [p.detach().double().clone() for p in model.parameters()]
+    snaps = []
     for step, (w, lr_mult) in enumerate([(1.0, 1.0), (2.0, 1.0), (3.0, 0.4), (4.0, 0.3), (6.0, 0.2), (7.0, 0.1)], start=1):
-        model.weight.data.fill_(w)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(w + torch.randn_like(p))
         avg.update(step, lr_mult, ctx)
-        ema = 0.5 * ema + 0.5 * w
-        snaps += [w] if lr_mult < 0.5 and step % 2 == 0 else []
+        ps = [p.detach().double().clone() for p in model.parameters()]
+        ema = [0.9 * e + 0.1 * p for e, p in zip(ema, ps)]
+        for got, want in zip(avg.ema, ema):
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+        snaps += [ps] if lr_mult < 0.5 and step % 2 == 0 else []
     avg.apply(ctx)
-    assert snaps == [4.0, 7.0] and avg.swa_count == (2 if swa_weight else 0)
-    want = (1 - swa_weight) * ema + swa_weight * sum(snaps) / len(snaps)
-    torch.testing.assert_close(model.weight.detach(), want)
-    assert ctx.logs[-1] == ("ema:applying EMA weights" if not swa_weight else "ema_swa:blend swa_weight:0.5 swa_count:2")
-    assert avg.swa == [] if not swa_weight else len(avg.swa) == 1  # EMA alone keeps no SWA copy
+    assert len(snaps) == 2 and avg.swa_count == (2 if swa_weight else 0)
+    for i, p in enumerate(model.parameters()):
+        want = (1 - swa_weight) * ema[i] + swa_weight * (snaps[0][i] + snaps[1][i]) / 2
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-6)
+        if not swa_weight:
+            assert torch.equal(p.detach(), avg.ema[i])  # exactly the EMA
+    assert ctx.logs[-1] == ("ema:applying EMA weights" if not swa_weight else "ema_swa:blend swa_weight:0.3 swa_count:2")
+    assert avg.swa == [] if not swa_weight else len(avg.swa) == 2  # EMA alone keeps no SWA copy
+
+
+def test_trained_model_ends_as_the_ema_of_its_steps(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
+    """train_model leaves the model at the EMA (EMA_DECAY = 0.9) of the weights after each optimizer step,
+    starting from the initial weights: computed here from the weights each step left."""
+    monkeypatch.chdir(tmp_path)
+    h = _tiny_h(tiny_tokenizer, tiny_data, ITERATIONS=4, WARMUP_STEPS=0, EMA_DECAY=0.9, COMPILE=0,
+                RUN_ID="ema")
+    ctx = tg.Context(h)
+    model = tg.build_model(h, ctx)
+    seen, real_step = [[p.detach().double().clone() for p in model.parameters()]], tg.train_step
+
+    def step(*a, **k):
+        out = real_step(*a, **k)
+        seen.append([p.detach().double().clone() for p in model.parameters()])
+        return out
+
+    monkeypatch.setattr(tg, "train_step", step)
+    sp = tg.load_tokenizer(str(tiny_tokenizer), 320)
+    val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", 32, 320)[:257]
+    tg.train_model(model, h, ctx, tg.Budget(h), val, tg.build_sentencepiece_luts(sp, 320, ctx.device))
+    assert len(seen) == 5
+    ema = seen[0]
+    for ps in seen[1:]:
+        ema = [0.9 * e + 0.1 * p for e, p in zip(ema, ps)]
+    last_moved = 0
+    for (name, p), want, last in zip(model.named_parameters(), ema, seen[-1]):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6, msg=name)
+        last_moved += not torch.allclose(want, last, rtol=1e-5, atol=1e-6)
+    assert last_moved > 0  # the EMA is not simply the last step's weights
 
 
 def test_sdpa_gqa_matches_repeated_kv_attention():

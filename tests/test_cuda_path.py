@@ -193,6 +193,7 @@ def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, *
 
     monkeypatch.setattr(tg, "train_step", step)
     if syncs:
+        monkeypatch.setattr(tg, "PROGRESS_SECONDS", float("inf"))  # a slow machine's progress line would sync
         ctx.sync = syncs.bump
         with syncs:
             tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, luts)
@@ -222,15 +223,69 @@ def test_wallclock_stop_and_lr_follow_the_agreed_clock(tiny_tokenizer, tiny_data
     assert re.search(r"^stopping_early: wallclock_cap train_time:1500ms step:15/100$", log, re.M)
 
 
-@pytest.mark.parametrize("step, elapsed, want", [(10, 1000.0, 15), (10, 500.0, 100), (20, 1600.0, 20), (20, 1520.0, 20)])
-def test_budget_plans_the_stop_from_the_agreed_clock(step, elapsed, want):
-    """A 2 s cap less a 0.5 s reserve: the stop is planned once the end is under CLOCK_SYNC_EVERY steps away."""
-    capped = tg.Budget(hparams(ITERATIONS=100, MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5))
+@pytest.mark.parametrize("step, elapsed, stop, sync", [(10, 1000.0, 100, 20), (10, 1600.0, 100, 11), (10, 3450.0, 10, 11),
+                                                   (20, 3600.0, 20, 21), (20, 3520.0, 20, 21)])
+def test_budget_plans_syncs_and_the_stop_from_the_agreed_clock(step, elapsed, stop, sync):
+    """A 4 s cap less a 0.5 s reserve: the clock is read every 10 steps, and every step once 10 steps with a
+    10x stall among them (20 mean steps) could end past 3.5 s; the stop comes when one more step would."""
+    capped = tg.Budget(hparams(ITERATIONS=100, MAX_WALLCLOCK_SECONDS=4, GPTQ_RESERVE_SECONDS=0.5))
     capped.agree(step, elapsed)
-    assert capped.stop_at == want and capped.elapsed(2 * step) == 2 * elapsed
+    assert (capped.stop_at, capped.next_sync) == (stop, sync) and capped.elapsed(2 * step) == 2 * elapsed
     uncapped = tg.Budget(hparams(ITERATIONS=100, MAX_WALLCLOCK_SECONDS=0))
     uncapped.agree(step, elapsed)
-    assert uncapped.stop_at == 100 and uncapped.calibration_deadline() == float("inf")
+    assert (uncapped.stop_at, uncapped.next_sync) == (100, step + 10)
+    assert uncapped.calibration_deadline() == float("inf")
+
+
+def simulate_training(budget: tg.Budget, step_ms) -> tuple[float, int, float, int]:
+    """train_model's stop and sync logic on a fake clock: step i takes step_ms(i) ms.
+    -> (clock at the stop, steps, the last step's ms, clock readings)."""
+    t, step, dur, syncs = 0.0, 0, 0.0, 0
+    while step != budget.stop_at:
+        dur = step_ms(step)
+        t, step = t + dur, step + 1
+        if step == budget.next_sync:
+            budget.agree(step, t)
+            syncs += 1
+    return t, step, dur, syncs
+
+
+@pytest.mark.parametrize("slow_at", list(range(0, 40, 3)) + [30, 31, 32, 33, 34])
+def test_stop_is_at_most_one_step_late_when_a_step_takes_10x_longer(slow_at):
+    """100 ms steps, one of them 1 s (a stall, a slow collective), against a 3.5 s training budget: the last
+    step always starts within the budget (so the stop is at most one step late), the run does not stop more
+    than the slow step early, and the clock is read every step only near the end. Reading it every 10 steps
+    with a planned stop (the previous scheme) started up to 4 steps past the budget here, ending 900 ms late,
+    and stopped 800 ms early after an early stall."""
+    budget = tg.Budget(hparams(ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=4, GPTQ_RESERVE_SECONDS=0.5))
+    t, steps, last_ms, syncs = simulate_training(budget, lambda i: 1000.0 if i == slow_at else 100.0)
+    assert t - last_ms < budget.train_ms and t > budget.train_ms - 1000.0, (t, steps)
+    assert syncs <= steps // 10 + tg.CLOCK_SYNC_EVERY + tg.STALL_FACTOR + tg.SLOW_STEP_WINDOW, syncs
+
+
+def test_stop_follows_steps_that_slow_down_near_the_end():
+    """From step 30 every step takes 3x longer (the loop switch, thermal throttling): the per-step readings
+    near the end see it, and the last step still starts within the budget."""
+    budget = tg.Budget(hparams(ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=4, GPTQ_RESERVE_SECONDS=0.5))
+    t, _, last_ms, _ = simulate_training(budget, lambda i: 300.0 if i >= 30 else 100.0)
+    assert t - last_ms < budget.train_ms < t + 300.0
+
+
+class StallClock(StepClock):
+    """100 ms per step, and step 13 takes 1 s."""
+
+    def ms(self) -> float:
+        return 100.0 * self.steps[0] + (900.0 if self.steps[0] >= 13 else 0.0)
+
+
+def test_training_stops_right_after_a_stall_near_the_end(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+    """train_model reads the clock every step near the end: a 1 s stall in step 13 of a 1.5 s budget ends
+    training at step 13 (2.2 s) instead of the planned step 15 (2.4 s)."""
+    StepClock.steps[0] = 0
+    monkeypatch.setattr(tg, "Clock", StallClock)
+    _, _, log = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=4,
+                       MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, TRAIN_LOG_EVERY=0)
+    assert re.search(r"^stopping_early: wallclock_cap train_time:2200ms step:13/100$", log, re.M), log[-2000:]
 
 
 def test_budget_deadlines_and_cap():

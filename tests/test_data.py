@@ -1,16 +1,19 @@
-"""Tests for data/build_shards.py and data/cached_challenge_fineweb.py (issues 5 and 14).
+"""Tests for data/build_shards.py and data/cached_challenge_fineweb.py (issues 5 and 14; shard manifest).
 
 Everything is made here: a small synthetic corpus, a tokenizer trained on it by the tool, and a fake
 Hugging Face Hub for the downloader. Nothing is read from outside the temporary directories.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +61,17 @@ def shards(directory: Path, split: str) -> list[Path]:
 
 def read_split(directory: Path, split: str) -> np.ndarray:
     return np.concatenate([bs.read_shard(p) for p in shards(directory, split)])
+
+
+def shard_counts(blobs: list[bytes]) -> dict:
+    """A split's manifest entry, counted from raw shard bytes without the tools' code."""
+    headers = [np.frombuffer(b[:1024], dtype="<i4") for b in blobs]
+    return {"shards": len(blobs), "tokens": sum(int(h[2]) for h in headers),
+            "documents": sum(int(np.count_nonzero(np.frombuffer(b[1024:], dtype="<u2") == 1)) for b in blobs)}
+
+
+def read_manifest(directory: Path) -> dict:
+    return json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -165,6 +179,42 @@ def test_shards_round_trip(corpus, built):
     assert built["stats"]["train"]["shards"] > 2  # documents really ran across shard boundaries
 
 
+def test_build_writes_manifest_of_its_shards(corpus, built):
+    out, sp, docs = built["out"], corpus["sp"], corpus["docs"]
+    manifest, model_sha = read_manifest(out), hashlib.sha256(corpus["model"].read_bytes()).hexdigest()
+    assert manifest == {
+        "format": 1,
+        "tokenizer": {"file": "tiny_bpe.model", "sha256": model_sha, "vocab_size": VOCAB},
+        "splits": {s: shard_counts([p.read_bytes() for p in shards(out, s)]) for s in ("train", "val")},
+        "written_by": "data/build_shards.py"}
+    # and what the corpus says: one BOS per document, BOS + tokens per document
+    for split, split_docs in (("val", docs[:7]), ("train", docs[7:])):
+        got = manifest["splits"][split]
+        assert (got["documents"], got["tokens"]) == (len(split_docs), stream(sp, split_docs).size)
+    assert manifest["splits"]["train"]["shards"] > 2  # counts summed over several shards
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("fineweb_")) == ["manifest.json"]
+
+
+def test_manifest_counts_documents_across_read_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(bs, "COUNT_CHUNK", 3)  # BOS tokens on both sides of every chunk border
+    tokens = [1, 5, 1, 1, 7, 8, 1, 9, 1, 1]
+    bs.write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    bs.write_shard(tmp_path / "fineweb_val_000000.bin", [])
+    assert bs.count_documents(tmp_path / "fineweb_train_000000.bin") == tokens.count(1)
+    assert bs.count_documents(tmp_path / "fineweb_val_000000.bin") == 0
+
+
+def test_manifest_write_is_atomic(corpus, built, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(built["out"], out)
+    before = (out / "manifest.json").read_bytes()
+    # json.dump writes everything before this value to the temporary file, then fails on it
+    with pytest.raises(TypeError):
+        bs.write_manifest(out, corpus["model"], written_by=object())
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if "manifest" in p.name) == ["manifest.json"]
+
+
 def test_document_boundaries_are_exactly_one_bos(corpus, built):
     sp, train_docs = corpus["sp"], corpus["docs"][7:]
     tokens = read_split(built["out"], "train")
@@ -196,7 +246,7 @@ def test_workers_and_cli_give_identical_shards(corpus, built, tmp_path):
     assert f"{len(corpus['docs']) - 7:,} documents" in r.stdout and "bytes/token" in r.stdout
     names = [p.name for p in shards(built["out"], "*")]
     assert names == [p.name for p in shards(out, "*")]
-    for name in names:
+    for name in names + ["manifest.json"]:
         assert (out / name).read_bytes() == (built["out"] / name).read_bytes()
 
 
@@ -219,6 +269,8 @@ def test_rebuild_replaces_old_shards(corpus, tmp_path):
     assert len(shards(out, "train")) > 3
     bs.build([corpus["jsonl"]], corpus["model"], out, val_docs=7, shard_tokens=10**6, workers=1, progress=False)
     assert leftovers(out) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    train = shard_counts([(out / "fineweb_train_000000.bin").read_bytes()])
+    assert read_manifest(out)["splits"]["train"] == train  # not the first build's
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -241,7 +293,7 @@ def test_bad_input_gives_clear_error_and_no_shards(corpus, tmp_path, case):
     with pytest.raises(bs.BuildError) as err:
         bs.build([bad], corpus["model"], out, val_docs=7, shard_tokens=500, workers=2, progress=False)
     assert message.format(n=len(corpus["docs"]) + 2) in str(err.value) and (case == "empty" or "bad.jsonl" in str(err.value))
-    assert leftovers(out) == []
+    assert leftovers(out) == [] and not (out / "manifest.json").exists()
 
 
 def test_failed_build_keeps_previous_dataset_intact(corpus, built, tmp_path):
@@ -323,12 +375,25 @@ def shard_bytes(tokens) -> bytes:
     return bs.shard_header(len(tokens)) + np.asarray(tokens, dtype="<u2").tobytes()
 
 
+# The fake exports' tokenizers are real SentencePiece models (the shard manifest reads their vocab size),
+# each with its own piece count so that a manifest shows which one it hashed. They are far smaller than
+# their variant's name says, which nothing in the downloader checks.
+TINY_PIECES = {64: 340, 1024: 350, 4096: 360, 8192: 370}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(pieces: int) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        docs = [make_doc(random.Random(pieces * 1000 + i)) for i in range(60)]
+        return bs.train_tokenizer(iter(docs), Path(d) / "t.model", pieces).read_bytes()
+
+
 def hub_files(root="root", with_files_table=True) -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     d = "datasets/fineweb10B_sp64"
     blobs = {f"{d}/fineweb_val_{i:06d}.bin": shard_bytes(rng.integers(0, 64, 300 + i)) for i in range(2)}
     blobs.update({f"{d}/fineweb_train_{i:06d}.bin": shard_bytes(rng.integers(0, 64, 500 + i)) for i in range(3)})
-    blobs["tokenizers/fineweb_64_bpe.model"] = b"model-bytes" * 10
+    blobs["tokenizers/fineweb_64_bpe.model"] = tiny_model(TINY_PIECES[64])
     blobs["tokenizers/fineweb_64_bpe.vocab"] = b"vocab\n" * 5
     manifest = {
         "datasets": [{"name": "fineweb10B_sp64", "tokenizer_name": "sp_bpe_64",
@@ -369,6 +434,47 @@ def test_download_fresh_then_already_complete(tmp_path):
     hub.calls.clear()
     get(hub, tmp_path, train_shards=3)  # asking for more fetches just the new shard
     assert hub.calls[1:] == ["root/datasets/fineweb10B_sp64/fineweb_train_000002.bin"]
+
+
+def hub_manifest(hub, variant: str, vocab: int, n_train: int, root: str = "root") -> dict:
+    """The shard manifest expected after downloading `n_train` training shards, from the hub's own bytes."""
+    def split(name: str, n: int | None) -> dict:
+        prefix = f"{root}/datasets/fineweb10B_{variant}/fineweb_{name}_"
+        return shard_counts([v for k, v in sorted(hub.files.items()) if k.startswith(prefix)][:n])
+    model = hub.files[f"{root}/tokenizers/fineweb_{vocab}_bpe.model"]
+    return {"format": 1, "splits": {"train": split("train", n_train), "val": split("val", None)},
+            "tokenizer": {"file": f"fineweb_{vocab}_bpe.model", "sha256": hashlib.sha256(model).hexdigest(),
+                          "vocab_size": TINY_PIECES[vocab]},
+            "written_by": "data/cached_challenge_fineweb.py"}
+
+
+def test_download_writes_shard_manifest_over_present_shards(tmp_path):
+    hub = FakeHub(hub_files())
+    shard_dir = tmp_path / "datasets/fineweb10B_sp64"
+    get(hub, tmp_path)
+    assert read_manifest(shard_dir) == hub_manifest(hub, "sp64", 64, n_train=2)
+    assert hub_manifest(hub, "sp64", 64, 2)["splits"]["train"]["documents"] > 0  # random tokens include BOS
+    get(hub, tmp_path, train_shards=3)  # more shards fetched later: recomputed
+    assert read_manifest(shard_dir) == hub_manifest(hub, "sp64", 64, n_train=3)
+    get(hub, tmp_path, train_shards=1)  # fewer asked for: still every shard present, which train_gpt.py reads
+    assert read_manifest(shard_dir)["splits"]["train"]["shards"] == 3
+    # the source's manifest is a different file, kept where it was
+    assert "datasets" in json.loads((tmp_path / "datasets/manifests/_/root/manifest.json").read_text())
+
+
+def test_download_shard_manifest_needs_a_sentencepiece_tokenizer(tmp_path, capsys):
+    files = hub_files(with_files_table=False)
+    files["root/tokenizers/fineweb_64_bpe.model"] = b"not a model"
+    with pytest.raises(dl.DownloadError, match="shard manifest of sp64: .*not a SentencePiece model"):
+        get(FakeHub(files), tmp_path)
+    assert (tmp_path / WANTED[0]).is_file() and not list(tmp_path.glob("datasets/*/manifest.json"))
+    # a tokenizer that is no SentencePiece model at all (the byte-level export's): no manifest, said so
+    manifest = json.loads(files["root/manifest.json"])
+    manifest["tokenizers"][0] = {"name": "sp_bpe_64", "path": "tokenizers/fineweb_64_bpe.vocab"}
+    files["root/manifest.json"] = json.dumps(manifest).encode()
+    get(FakeHub(files), tmp_path / "b")
+    assert (tmp_path / "b" / WANTED[0]).is_file() and not list(tmp_path.glob("b/datasets/*/manifest.json"))
+    assert "sp64 has no SentencePiece tokenizer, so no shard manifest" in capsys.readouterr().err
 
 
 def test_download_resumes_after_interruption(tmp_path):
@@ -458,7 +564,7 @@ def fake_export(*vocabs: int, n_train: int = 3) -> dict[str, bytes]:
         blobs[f"datasets/{name}/fineweb_val_000000.bin"] = shard_bytes(rng.integers(0, vocab, 400))
         blobs.update({f"datasets/{name}/fineweb_train_{i:06d}.bin": shard_bytes(rng.integers(0, vocab, 600 + i))
                       for i in range(n_train)})
-        blobs[f"tokenizers/fineweb_{vocab}_bpe.model"] = b"model %d" % vocab
+        blobs[f"tokenizers/fineweb_{vocab}_bpe.model"] = tiny_model(TINY_PIECES[vocab])
         blobs[f"tokenizers/fineweb_{vocab}_bpe.vocab"] = b"vocab %d" % vocab
         manifest["tokenizers"].append({"name": tok, "kind": "sentencepiece_bpe", "vocab_size": vocab, "bos_id": 1,
                                        "eos_id": 2, "model_path": f"tokenizers/fineweb_{vocab}_bpe.model",
@@ -509,10 +615,17 @@ def test_download_sp8192_from_its_repo(hubs, tmp_path, capsys):
     assert "source: kevclark/parameter-golf" in capsys.readouterr().err
     # sp4096 comes from the same repo; sp1024 still from the challenge's
     assert dl.main(["--variant", "sp4096", "--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
-    assert (tmp_path / "tokenizers/fineweb_4096_bpe.model").read_bytes() == b"model 4096"
+    model = "tokenizers/fineweb_4096_bpe.model"
+    assert (tmp_path / model).read_bytes() == kev.files[f"datasets/{model}"]
     assert dl.main(["--variant", "sp1024", "--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
-    assert hubs["willdepueoai/parameter-golf"].calls[0] == "datasets/manifest.json"
-    assert (tmp_path / "tokenizers/fineweb_1024_bpe.model").read_bytes() == b"model 1024"
+    official = hubs["willdepueoai/parameter-golf"]
+    assert official.calls[0] == "datasets/manifest.json"
+    model = "tokenizers/fineweb_1024_bpe.model"
+    assert (tmp_path / model).read_bytes() == official.files[f"datasets/{model}"]
+    # each variant's shard manifest hashes that variant's tokenizer, all three in one data/tokenizers/
+    for hub, vocab, n_train in ((kev, 8192, 2), (kev, 4096, 1), (official, 1024, 1)):
+        got = read_manifest(tmp_path / f"datasets/fineweb10B_sp{vocab}")
+        assert got == hub_manifest(hub, f"sp{vocab}", vocab, n_train, root="datasets")
     # each source keeps its own manifest, so offline re-runs of both work
     for repo in ("kevclark/parameter-golf", "willdepueoai/parameter-golf"):
         assert json.loads((tmp_path / "datasets/manifests" / repo / "datasets/manifest.json").read_text())

@@ -40,16 +40,37 @@ def test_log_has_lineage_lines_and_proves_bytes(trained):
 
 
 def test_eval_artifact_reproduces_numbers(trained, tmp_path):
+    """README's re-evaluation command, with only the data paths set: the artifact's evaluation settings (the
+    tiny run's EVAL_SEQ_LEN=32, stride 8, TTT chunks ...) are used, and every logged number is reproduced."""
     d, env, log = trained
-    env = dict(env, EVAL_ARTIFACT=str(d / "final_model.int6.ptz"), RUN_ID="re", DUMP_TOKEN_NLL=str(tmp_path / "nll.npy"))
+    env = {k: env[k] for k in ("DATA_PATH", "TOKENIZER_PATH")}
+    env.update(EVAL_ARTIFACT=str(d / "final_model.int6.ptz"), RUN_ID="re", DUMP_TOKEN_NLL=str(tmp_path / "nll.npy"))
     r = run_script(tmp_path, env)
     assert r.returncode == 0, r.stderr[-3000:]
     relog = (tmp_path / "logs" / "re.txt").read_text()
     for name in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
         assert metric(relog, name) == metric(log, name)
+    gap = re.compile(r"^quant_gap val_bpb:\S+$", re.M)
+    assert gap.findall(relog) == gap.findall(log) != []
+    assert re.search(r"^eval_setting:from_artifact .*EVAL_SEQ_LEN=32 EVAL_STRIDE=8", relog, re.M)
     assert "step:" not in relog.split("=" * 100)[-1]  # no training happened
     a, b = np.load(d / "nll.npy"), np.load(tmp_path / "nll.npy")
     assert a.dtype == np.float32 and np.array_equal(a, b) and (a > 0).all()
+
+
+def test_eval_artifact_explicit_setting_wins_and_is_logged(trained, tmp_path):
+    """An evaluation setting set explicitly overrides the artifact's, says so, and the quant gap (measured
+    at the run's EVAL_SEQ_LEN) is not printed for another evaluation."""
+    d, env, log = trained
+    env = dict(DATA_PATH=env["DATA_PATH"], TOKENIZER_PATH=env["TOKENIZER_PATH"], EVAL_SEQ_LEN="16", EVAL_STRIDE="8", RUN_ID="re16",
+               EVAL_ARTIFACT=str(d / "final_model.int6.ptz"), TTT_ENABLED="0")
+    r = run_script(tmp_path, env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    relog = (tmp_path / "logs" / "re16.txt").read_text()
+    assert re.search(r"^eval_setting:EVAL_SEQ_LEN=16 set explicitly; the run used 32$", relog, re.M)
+    assert re.search(r"^eval_setting:TTT_ENABLED=False set explicitly; the run used True$", relog, re.M)
+    assert re.search(r"^quant_gap:n/a \(prequant scored \d+ targets at EVAL_SEQ_LEN=32\)$", relog, re.M)
+    assert "legal_ttt_exact" not in relog.split("=" * 100)[-1] and metric(relog, "final_int6_roundtrip") != metric(log, "final_int6_roundtrip")
 
 
 def records_tool():
@@ -72,18 +93,49 @@ def test_records_tool_reads_our_log(trained):
 
 
 def test_records_tool_packages_and_checks_a_real_log(trained, tmp_path, capsys):
-    """`new` on a real log: the script matches the log byte for byte, one configuration, every rule passes."""
+    """`new` on a real log: the script matches the log byte for byte, one configuration, and every rule passes
+    but the record's own: one seed is not three, and a tiny run is not on 8×H100 (without nvidia-smi the log
+    cannot say, a WARN)."""
     tool = records_tool()
-    d, _, _ = trained
+    d, _, log = trained
     args = ["new", str(d / "logs" / "tiny.txt"), "--name", "tiny", "--author", "a", "--github-id", "a", "--date",
             "2026-01-01", "--records-dir", str(tmp_path / "records"), "--top-level", str(tmp_path / "submission.json")]
-    assert tool.main(args) == 0, capsys.readouterr().out
+    assert tool.main(args) == 1
     out = capsys.readouterr().out
     assert "PASS  seed 7: the script source in the log is train_gpt.py" in out
-    assert "PASS  train_gpt.py needs nothing outside its folder" in out and "FAIL" not in out
+    assert "PASS  train_gpt.py needs nothing outside its folder" in out
+    hardware = tool._hardware(tool.parse_log(log))  # None on a machine without nvidia-smi
+    fails = ["FAIL  a record needs 3 seeds: found 1"]
+    unknown = "WARN  seed 7: hardware unknown (no nvidia-smi GPU lines in the log); a record runs on 8×H100"
+    if hardware is None:
+        assert unknown in out
+    else:
+        fails.append(f"FAIL  seed 7: ran on {hardware} with world_size 1; a record runs on 8×H100")
+    assert [x for x in out.splitlines() if x.startswith("FAIL")] == fails, out
     sub = json.loads((tmp_path / "records" / "2026-01-01_tiny" / "submission.json").read_text())
     assert sub["bytes_total"] == os.path.getsize(d / "final_model.int6.ptz") + os.path.getsize(ROOT / "train_gpt.py")
     assert sub["compliance"]["score_first_ttt"] and not sub["compliance"]["three_seeds"]
+    assert sub["hardware"] == hardware
+    assert sub["compliance"]["hardware_8xh100"] is (None if hardware is None else False)
+
+
+def test_records_tool_reads_an_eval_only_log(trained, tmp_path):
+    """EVAL_ARTIFACT re-scores a saved model: parse calls it an evaluation-only run, not an unfinished one,
+    and new refuses it as a seed log before writing anything."""
+    tool = records_tool()
+    d, env, log = trained
+    art = str(d / "final_model.int6.ptz")
+    r = run_script(tmp_path, dict(env, EVAL_ARTIFACT=art, RUN_ID="re", DUMP_TOKEN_NLL=""))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tool.parse_log((tmp_path / "logs" / "re.txt").read_text())
+    assert (run["kind"], run["status"], run["problems"]) == ("eval_only", "complete", [])
+    assert run["eval_model"] == art and run["invalid"] == []
+    assert run["legal_metric"]["val_bpb"] == metric(log, "legal_ttt_exact")[1]
+    args = ["new", str(tmp_path / "logs" / "re.txt"), "--name", "re", "--author", "a", "--github-id", "a",
+            "--records-dir", str(tmp_path / "records"), "--top-level", str(tmp_path / "submission.json")]
+    with pytest.raises(SystemExit, match="a record needs the training log"):
+        tool.main(args)
+    assert not (tmp_path / "records").exists() and not (tmp_path / "submission.json").exists()
 
 
 def test_benchmark_script_runs(tiny_tokenizer, tiny_data, tmp_path):

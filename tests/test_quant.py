@@ -6,6 +6,7 @@ import json
 import lzma
 import os
 import re
+import shutil
 import struct
 import zlib
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, FakeCtx as Ctx, random_model, run_script, tiny_env, tiny_hparams
+from conftest import ROOT, FakeCtx as Ctx, random_model, run_script, tiny_env, tiny_hparams, write_shard
 
 
 class RandomLoader:
@@ -247,8 +248,8 @@ def test_quantize_state_routes_every_tensor(calibrated, scheme):
     q, s, groups = tg.gptq_quantize(W, H, 127, h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP)
     assert torch.equal(entries["tok_emb.weight"].q, q) and torch.equal(bits(entries["tok_emb.weight"].scale), bits(s))
     assert groups.numel() == 0 and not torch.equal(q, tg.quantize_rows(W, 127)[0])
-    assert re.fullmatch(rf"gptq:quantized {6 * h.NUM_LAYERS + 1} matrices with Hessians, {len(entries)} tensors, "
-                        r"lqer:\[\] in [\d.]+s", log), log
+    assert re.fullmatch(rf"gptq:quantized {6 * h.NUM_LAYERS + 1} matrices with Hessians, 0 without \(clip-search "
+                        rf"rounding\), {len(entries)} tensors, lqer:\[\] in [\d.]+s", log), log
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -492,6 +493,28 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(sigmas):
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
     e_small_blocks = err(*tg.gptq_quantize(W, H, block=16, sigmas=sigmas))  # lazy-batch blocking changes nothing essential
     assert e_small_blocks < 0.8 * e_rtn
+
+
+def test_gptq_error_is_a_small_fraction_of_rounding_and_independent_of_the_block_size():
+    """On a 256 x 512 matrix with H = X^T X of structured inputs (rank-32 signal + noise, 8 channels at 10x, as
+    activations look), GPTQ's output-space error tr((W-Q)H(W-Q)^T) is under 3% of plain rounding's (measured:
+    0.68%; without the error update across column blocks, 37% at block 128), and the same within 2% for
+    blocks of 32, 96 (a short last block), 128 and 512 (one block): lazy batching is exact up to rounding ties
+    (measured spread 0.02%; without the cross-block update, 90x)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 32, generator=g) @ torch.randn(32, 512, generator=g) + 0.1 * torch.randn(2048, 512, generator=g)
+    X[:, :8] *= 10
+    H = X.T @ X
+    W = 0.05 * torch.randn(256, 512, generator=g)
+
+    def err(q, s, _):
+        D = (W - q.float() * s.float()[:, None]).double()
+        return float(torch.einsum("rc,cd,rd->", D, H.double(), D))
+
+    e_rtn = err(*tg.gptq_quantize(W, None))
+    ratio = {block: err(*tg.gptq_quantize(W, H, block=block)) / e_rtn for block in (32, 96, 128, 512)}
+    assert max(ratio.values()) < 0.03, ratio
+    assert max(ratio.values()) < 1.02 * min(ratio.values()), ratio
 
 
 def reference_rtn(W: torch.Tensor, qmax: int, weights: torch.Tensor | None = None, sigmas: float = 0.0):
@@ -957,7 +980,7 @@ def test_corrupt_header_and_container_are_refused_with_clear_errors(packed, tmp_
         "empty file": (b"", "magic"),
         "cut inside the fixed header": (blob[:FIXED - 2], "magic"),
         "wrong version": (blob[:5] + bytes([tg.ARTIFACT_VERSION + 1]) + blob[6:], rf"version {tg.ARTIFACT_VERSION + 1}"),
-        "old version 4": (blob[:5] + bytes([4]) + blob[6:], r"version 4, this script reads version 5"),
+        "old version 4": (blob[:5] + bytes([4]) + blob[6:], rf"version 4, this script reads version {tg.ARTIFACT_VERSION}"),
         "flipped header byte": (_flip(blob, (FIXED + start) // 2), r"header .*corrupt"),
         "flipped header checksum": (_flip(blob, FIXED - 1), r"header .*corrupt"),
         "header length past the end": (blob[:6] + struct.pack("<I", len(blob)) + blob[10:], r"header .*truncated"),
@@ -1101,3 +1124,42 @@ def test_calibration_leaves_time_for_the_gptq_solve():
         assert any(f"deadline:{1000 - 1.25 * gptq_ms:.0f}ms" in m for m in ctx.logs)
         ends.append(clock.t)
     assert ends[0] < ends[1] - 200
+
+
+def test_gptq_calibrates_on_training_shards_only(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+    """The training stage (train, calibrate, GPTQ, pack) run twice in-process, the second time with every
+    token of the validation shard replaced by another id (same length): the Hessians and every stored tensor
+    of the artifact are bit-identical, while the pre-quantization score, which does read the validation set,
+    changes. Calibrating on validation tokens (the file, or the val_tokens the stage holds) voids a
+    submission and would change them. No training steps: the initial weights are seeded and a forward pass
+    is deterministic on any device (a backward pass need not be on CUDA)."""
+    real_collect, hessians = tg.collect_hessians, []
+
+    def collect(*a, **k):
+        hess = real_collect(*a, **k)
+        hessians.append({key: H.clone() for key, H in hess.items()})
+        return hess
+
+    monkeypatch.setattr(tg, "collect_hessians", collect)
+    # 2.5 calibration batches of validation text: enough for a calibration that reads it, short to score
+    val = tg.load_data_shard(str(tiny_data / "fineweb_val_000000.bin"), 320)[:2561].astype("int64")
+    runs = []
+    for name, val_ids in (("same", val), ("other", (val + 97) % 320)):  # every id changed, still in the vocab
+        data, run_dir = tmp_path / name / "data", tmp_path / name / "run"
+        data.mkdir(parents=True)
+        run_dir.mkdir()
+        for shard in tiny_data.glob("fineweb_train_*.bin"):
+            shutil.copy(shard, data / shard.name)
+        write_shard(data / "fineweb_val_000000.bin", val_ids)
+        monkeypatch.chdir(run_dir)
+        h = tg.Hyperparameters(tiny_env(tiny_tokenizer, data, ITERATIONS=0, WARMUP_STEPS=0, COMPILE=0, RUN_ID=name))
+        val_tokens = tg.load_validation_tokens(f"{data}/fineweb_val_*.bin", 32, 320)
+        runs.append((val_tokens, tg.read_artifact(tg.stage_train(h, tg.Context(h), val_tokens, luts))))
+    (val_a, (_, meta_a, entries_a)), (val_b, (_, meta_b, entries_b)) = runs
+    assert val_a.shape == val_b.shape and (val_a != val_b).all()
+    assert meta_a["prequant_val_bpb"] != meta_b["prequant_val_bpb"]  # the stage did read the changed val set
+    assert len(hessians) == 2 and len(hessians[0]) == 4 * h.NUM_LAYERS + 1
+    assert sorted(hessians[0]) == sorted(hessians[1])
+    changed = [key for key, H in hessians[0].items() if not torch.equal(H, hessians[1][key])]
+    assert not changed, f"Hessians that depend on the validation tokens: {changed}"
+    assert_entries_identical(entries_a, entries_b)

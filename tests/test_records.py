@@ -86,6 +86,62 @@ def test_parse_crashed_log():
     assert "final_int6_roundtrip_exact" in r["final"] and "final_int6_sliding_window" not in r["final"]
 
 
+def test_parse_crash_ends_with_our_error_line():
+    """train_gpt.py ends a crashed log with its traceback and one 'error: Type: message' line (other ranks:
+    'rank N: error: ...'). It names the exception even when the type does not end in Error, and alone marks
+    the log as crashed."""
+    head = (FIX / "ours_complete.txt").read_text().split("gptq:calibration start")[0]
+    tb = 'Traceback (most recent call last):\n  File "train_gpt.py", line 2240, in <module>\n    main()\n'
+    r = tool.parse_log(head + tb + "KeyboardInterrupt\nerror: KeyboardInterrupt: \n")
+    assert r["status"] == "crashed" and r["error"] == "KeyboardInterrupt"
+    assert r["unparsed"][-1].strip() == "KeyboardInterrupt"  # the traceback stays in the log, unparsed
+    torchrun = "[rank0]: torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 1 failed\n"
+    r = tool.parse_log(head + tb + "ValueError: bad shape\nerror: ValueError: bad shape (4, 2)\n" + torchrun)
+    assert r["status"] == "crashed" and r["error"] == "ValueError: bad shape (4, 2)"  # not torchrun's echo
+    rank3 = "rank 3: error: RuntimeError: NCCL watchdog timeout\n"
+    r = tool.parse_log(head + rank3)  # rank 0 logged nothing
+    assert r["status"] == "crashed" and r["error"] == "rank 3: RuntimeError: NCCL watchdog timeout"
+    r = tool.parse_log(head + rank3 + tb + "ValueError: x\nerror: ValueError: x\nrank 5: error: OSError: y\n")
+    assert r["error"] == "ValueError: x"  # rank 0's exception, whichever rank wrote first or last
+
+
+INVALID = ["run_invalid: training and GPTQ ended at 182263ms, past the 120000ms cap by 62263ms: "
+           "not a valid submission",
+           "run_invalid: GPTQ without Hessians: calibration took 0/16 batches (train_time 598000ms, deadline "
+           "590000ms); falls back to clip-search rounding"]
+SHORT = ("calibration_short: batches:3/16 deadline:590000ms "
+         "(GPTQ_RESERVE_SECONDS too small for GPTQ_CALIB_BATCHES?)")
+
+
+def test_parse_run_invalid_and_short_calibration():
+    r = tool.parse_log(our_log(1, 1.88, extra=[SHORT, *INVALID]))
+    assert r["invalid"] == [x.removeprefix("run_invalid: ") for x in INVALID]
+    assert r["gptq"]["calibration_short"] == SHORT.removeprefix("calibration_short: ") and r["unparsed"] == []
+    assert r["status"] == "complete"  # whole, but invalid: new refuses it and check fails it (tests below)
+    assert tool.parse_log(our_log(1, 1.88))["invalid"] == []
+
+
+def eval_only_log(seed, loss, artifact="/runs/final_model.int6.ptz"):
+    """What EVAL_ARTIFACT=<artifact> logs: header and hparams, eval_model, the final metrics; no training."""
+    full = our_log(seed, loss, hparams=[f"hparam:EVAL_ARTIFACT={artifact}"])
+    head, tail = full.split("attention_backend:fa3\n")
+    finals = "final_int6_roundtrip " + tail.split("final_int6_roundtrip ", 1)[1]
+    return head + f"eval_model:{artifact} rope_base:10000.00\n" + finals
+
+
+def test_parse_eval_only_log():
+    r = tool.parse_log(eval_only_log(42, 1.88))
+    assert (r["kind"], r["status"], r["problems"], r["unparsed"]) == ("eval_only", "complete", [], [])
+    assert r["eval_model"] == "/runs/final_model.int6.ptz" and r["train"] == [] and r["steps"] is None
+    assert r["legal_metric"]["name"] == "legal_ttt_exact" and r["eval_time_s"] == 512.3 and r["seed"] == 42
+    cut = tool.parse_log(eval_only_log(42, 1.88).split("final_eval_time")[0])  # a cut one is still cut
+    assert cut["status"] == "truncated" and cut["problems"] == ["no final_eval_time line"]
+    # a training log carries the empty hparam, and is a training log
+    r = tool.parse_log(our_log(42, 1.88, hparams=["hparam:EVAL_ARTIFACT="]))
+    assert (r["kind"], r["status"]) == ("train", "complete")
+    assert fixture("lineage_sliding.log")["kind"] == "train"
+
+
 def test_parse_malformed_lines_are_kept_not_fatal():
     r = fixture("malformed.txt")
     assert r["status"] == "truncated" and r["seed"] == 7 and [p["step"] for p in r["train"]] == [3]
@@ -176,15 +232,17 @@ CODE = b"# tiny stand-in for train_gpt.py\nprint('hi')\n" * 40
 
 
 def our_log(seed, loss, *, code=len(CODE), model=15_000_000, train_ms=590_123, calib_ms=598_000,
-            gptq_ms=599_100, eval_s=512.3, metric="legal_ttt_exact", source=CODE, hparams=()):
-    """A complete log in our format with the given outcome (few lines, same templates as the script)."""
+            gptq_ms=599_100, eval_s=512.3, metric="legal_ttt_exact", source=CODE, hparams=(), gpus=8,
+            gpu="NVIDIA H100 80GB HBM3", world_size=8, extra=()):
+    """A complete log in our format with the given outcome (few lines, same templates as the script);
+    `extra` lines go after GPTQ, where the script reports what went wrong in the run."""
     bpb, sw = loss * BPB_PER_NAT, loss + 0.004
     base = metric.removesuffix("_exact")
     lines = [source.decode(), RULE, "Running Python 3.11.7", "Running PyTorch 2.9.1+cu128",
-             "|   0  NVIDIA H100 80GB HBM3          On  |   00000000:18:00.0 Off |", RULE,
+             *[f"|   {i}  {gpu}          On  |   00000000:{18 + i}:00.0 Off |" for i in range(gpus)], RULE,
              f"hparam:RUN_ID=rec_seed{seed}", f"hparam:SEED={seed}", f"hparam:TTT_ENABLED={metric == 'legal_ttt_exact'}",
              *hparams,
-             "attention_backend:fa3", f"seed:{seed}",
+             "attention_backend:fa3", f"world_size:{world_size} grad_accum_steps:1", f"seed:{seed}",
              "gptq:reserving 10000ms from training budget, effective=590000ms",
              "step:0/20000 val_loss:6.9310 val_bpb:4.1049 train_time:0ms step_avg:0.01ms",
              "step:1/20000 train_loss:6.9320 train_time:131ms step_avg:131.00ms tok_s:6003300",
@@ -194,7 +252,7 @@ def our_log(seed, loss, *, code=len(CODE), model=15_000_000, train_ms=590_123, c
              "peak memory allocated: 22846 MiB reserved: 22894 MiB",
              f"gptq:calibration start train_time:{train_ms}ms",
              f"gptq:calibration end train_time:{calib_ms}ms tokens:50331648 layers:66 elapsed:7.9s",
-             "gptq:quantized 66 matrices in 12.0s", f"gptq:done train_time:{gptq_ms}ms",
+             "gptq:quantized 66 matrices in 12.0s", f"gptq:done train_time:{gptq_ms}ms", *extra,
              f"Serialized model int6+pergroup: {model} bytes", f"Code size: {code} bytes",
              f"Total submission size int6+pergroup: {model + code} bytes",
              "final_int6_roundtrip val_loss:1.9200 val_bpb:1.1371 eval_time:7000ms",
@@ -260,11 +318,11 @@ def test_new_creates_record_and_check_passes(project, capsys):
     assert sub["bytes_total"] == 15_000_000 + len(CODE) and sub["seeds"] == [1337, 42, 2025]
     assert (sub["name"], sub["author"], sub["github_id"], sub["date"], sub["metric"], sub["track"]) == (
         "Better Model", "A. Golfer", "agolfer", "2026-02-02", "legal_ttt_exact", "10min_16mb")
-    assert sub["hardware"] == "1×NVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.9.1+cu128"
+    assert sub["hardware"] == "8×NVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.9.1+cu128"
     assert sub["compliance"] == {"artifact_under_16mb": True, "train_under_600s": True,
                                  "gptq_calibration_under_600s": True, "eval_under_600s": True, "score_first_ttt": True,
                                  "logs_complete": True, "same_config_all_seeds": True, "code_bytes_match_logs": True,
-                                 "three_seeds": True}
+                                 "three_seeds": True, "hardware_8xh100": True}
     sig = sub["significance"]
     assert sub["delta_vs_baseline_bpb"] == pytest.approx(-0.012 * BPB_PER_NAT, abs=1e-8)
     assert sig["rule_applied"] == "progression" and sig["progression"]["passed"] and sig["readme"]["passed"]
@@ -275,6 +333,8 @@ def test_new_creates_record_and_check_passes(project, capsys):
     assert top["record"] == "records/2026-02-02_Better_Model" and top["val_bpb"] == sub["val_bpb"]
     assert "RESULT: PASS" in out and "p=" in out and "t=" in out and "df=" in out
     assert lines(out, "WARN") == [] and lines(out, "FAIL") == []
+    assert "PASS  a record needs 3 seeds: found 3" in out
+    assert "PASS  seed 42: ran on 8×NVIDIA H100 80GB HBM3 with world_size 8; a record runs on 8×H100" in out
 
 
 def test_check_reports_both_rules_and_applies_the_one_in_force(project, capsys):
@@ -318,6 +378,13 @@ def test_check_warns_when_the_gptq_solve_ends_past_600s(project, capsys):
     ({"train_ms": 601_150}, None, "training ended at 601150 ms", ("compliance", "train_under_600s")),
     ({"calib_ms": 600_200}, None, "GPTQ calibration ended at 600200 ms", ("compliance", "gptq_calibration_under_600s")),
     ({"eval_s": 600.4}, None, "evaluation 600.4 s <= 600 s", ("compliance", "eval_under_600s")),
+    ({}, [PR549[0] - 0.012], "a record needs 3 seeds: found 1", ("compliance", "three_seeds")),
+    ({"gpus": 1}, None, "seed 42: ran on 1×NVIDIA H100 80GB HBM3 with world_size 8; a record runs on 8×H100",
+     ("compliance", "hardware_8xh100")),
+    ({"gpu": "NVIDIA A100-SXM4-80GB"}, None, "seed 42: ran on 8×NVIDIA A100-SXM4-80GB",
+     ("compliance", "hardware_8xh100")),
+    ({"world_size": 1}, None, "seed 42: ran on 8×NVIDIA H100 80GB HBM3 with world_size 1;",  # 1 GPU of 8 used
+     ("compliance", "hardware_8xh100")),
 ])
 def test_check_fails_rule(project, capsys, kw, losses, reason, fact):
     rc, folder = new_record(project, losses or [x - 0.012 for x in PR549], **kw)
@@ -328,6 +395,37 @@ def test_check_fails_rule(project, capsys, kw, losses, reason, fact):
     for key in fact:
         value = value[key]
     assert value is False
+
+
+def test_check_warns_when_the_hardware_is_unknown(project, capsys):
+    """A log without nvidia-smi GPU lines (a console log, a CPU run) cannot show 8×H100: a WARN for reviewers,
+    and submission.json claims nothing about it."""
+    rc, folder = new_record(project, [x - 0.012 for x in PR549], gpus=0)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert lines(out, "WARN") == [f"WARN  seed {s}: hardware unknown (no nvidia-smi GPU lines in the log); "
+                                  "a record runs on 8×H100" for s in (1337, 2025, 42)]
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["hardware"] is None and sub["compliance"]["hardware_8xh100"] is None
+    mixed = [tool.parse_log(our_log(1, 1.9)), tool.parse_log(our_log(2, 1.9, gpus=0))]
+    assert tool._hardware_of(mixed) == "8×NVIDIA H100 80GB HBM3 / unknown"  # every seed's, not the first's
+    assert tool._all_hardware_ok(mixed) is None
+
+
+def test_check_fails_eval_only_and_invalid_logs_and_warns_on_short_calibration(project, capsys):
+    rc, folder = new_record(project, [x - 0.012 for x in PR549], extra=[SHORT])
+    out = capsys.readouterr().out
+    assert rc == 0 and lines(out, "WARN") == [f"WARN  seed {s}: GPTQ calibrated on fewer batches than "
+                                              f"configured ({SHORT})" for s in (1337, 2025, 42)]
+    (folder / "train_seed2025.log").write_text(eval_only_log(2025, 1.87))
+    log = folder / "train_seed42.log"
+    log.write_text(log.read_text().replace("gptq:done", "\n".join([*INVALID, "gptq:done"])))
+    assert tool.main(["check", str(folder)]) == 1
+    fails = lines(capsys.readouterr().out, "FAIL")
+    assert {"FAIL  a record needs 3 seeds: found 2", *[f"FAIL  train_seed42.log: {x}" for x in INVALID],
+            "FAIL  train_seed2025.log: an evaluation-only run (EVAL_ARTIFACT=/runs/final_model.int6.ptz); "
+            "a record needs the training log"} <= set(fails), fails
+    assert not any("training did not finish" in f for f in fails)
 
 
 def test_check_catches_edited_folder(project, capsys):
@@ -420,6 +518,94 @@ def refuse(project, logs, match, script=None):
 def test_new_refuses_bad_inputs(project):
     refuse(project, make_logs(project, "dup", [1.88, 1.881], seeds=(5, 5)), "own seed")
     refuse(project, [str(FIX / "ours_truncated.txt")], "incomplete")
+    msg = refuse(project, [str(FIX / "ours_crashed.txt")], "incomplete")
+    assert "ours_crashed.txt: crashed (torch.OutOfMemoryError: CUDA out of memory" in msg  # exception first
+    (project / "empty").mkdir()
+    refuse(project, [str(project / "empty")], "no run logs in")
+
+
+def test_new_refuses_eval_only_and_invalid_runs(project):
+    """An EVAL_ARTIFACT log re-scores a saved model: it is no seed log. A run the script declared invalid
+    (run_invalid:) is refused with its reasons, one line per log, before anything is written."""
+    (ev := project / "eval.txt").write_text(eval_only_log(42, 1.88))
+    msg = refuse(project, [str(ev)], "evaluation-only logs are not seed logs")
+    art = "/runs/final_model.int6.ptz"  # eval_only_log's
+    assert msg.splitlines()[1:] == [f"  {ev}: an evaluation-only run (EVAL_ARTIFACT={art}); "
+                                    "a record needs the training log"]
+    logs = make_logs(project, "invalid", [1.88, 1.881], extra=INVALID)
+    msg = refuse(project, logs, "the script declared these runs invalid")
+    reasons = "; ".join(x.removeprefix("run_invalid: ") for x in INVALID)
+    assert msg.splitlines()[1:] == [f"  {p}: run_invalid: {reasons}" for p in logs]
+    assert not (project / "submission.json").exists()
+
+
+def snapshot(root):
+    """Every path under root, with the bytes of each file."""
+    return {str(p.relative_to(root)): p.is_file() and p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_new_dry_run_writes_nothing_and_prints_the_submission(project, capsys):
+    (project / "submission.json").write_text('{"record": "records/2026-01-01_Prev"}\n')
+    logs = make_logs(project, "runs", [x - 0.012 for x in PR549])
+    args = ["new", *logs, *NEW_ARGS, "--date", "2026-02-02", "--script", str(project / "train_gpt.py"),
+            "--records-dir", str(project / "records"), "--top-level", str(project / "submission.json"),
+            "--against", str(project / "records" / "2026-01-01_Prev")]
+    before = snapshot(project)
+    assert tool.main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert snapshot(project) == before
+    folder = project / "records" / "2026-02-02_X"
+    assert out.startswith(f"dry run, nothing written; would create {folder}/ with:\n"
+                          f"  train_gpt.py ({len(CODE):,} bytes)\n")
+    for seed, log in zip((1337, 42, 2025), logs):
+        assert f"  train_seed{seed}.log ({Path(log).stat().st_size:,} bytes, a copy of {log})\n" in out
+    assert "  submission.json (" in out and "  README.md (" in out
+    assert f"would refresh {project / 'submission.json'} from {folder / 'submission.json'}\n" in out
+    printed = out.split(f"\n{folder / 'submission.json'}:\n", 1)[1]
+    assert tool.main(args) == 0  # the real run writes exactly what the dry run showed
+    assert printed == (folder / "submission.json").read_text()
+    assert json.loads((project / "submission.json").read_text())["record"] == "records/2026-02-02_X"
+    with pytest.raises(SystemExit, match=r"exists \(a record folder is never overwritten\)"):
+        tool.main([*args, "--dry-run"])  # and neither would a dry run pretend it could be
+
+
+LOG = "{p}/runs/run_1337.txt"
+NEW = ["new", LOG, *NEW_ARGS, "--script", "{p}/train_gpt.py", "--records-dir", "{p}/records", "--top-level",
+       "{p}/submission.json"]
+PREV = "{p}/records/2026-01-01_Prev"
+NOT_A_RECORD = f"--against {LOG}: must be a record folder or its submission.json"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["parse", "{p}/missing.txt"], "{p}/missing.txt: no such file or folder"),
+    (["parse", "{p}/runs"], "{p}/runs: must be a log file"),
+    (["check", "{p}/records/missing"], "{p}/records/missing: no such file or folder"),
+    (["check", LOG], f"{LOG}: must be a record folder"),
+    (["check", PREV, "--against", LOG], NOT_A_RECORD),
+    (["check", PREV, "--against", "{p}/nowhere"], "--against {p}/nowhere: no such file or folder"),
+    (["check", PREV, "--against", "{p}/empty"], "--against {p}/empty: no seed logs and no readable"),
+    (["compare", LOG, "{p}/missing.txt"], "{p}/missing.txt: no such file or folder"),
+    (["new", "{p}/missing.txt", *NEW[2:]], "{p}/missing.txt: no such file or folder"),
+    ([*NEW, "--against", LOG], NOT_A_RECORD),
+    ([*NEW, "--script", "{p}/nope.py"], "--script {p}/nope.py: no such file or folder"),
+    ([*NEW, "--top-level", "{p}/no/sub.json"], "--top-level {p}/no/sub.json: its folder does not exist"),
+])
+def test_bad_paths_are_one_line_errors(project, capsys, argv, message):
+    """A missing path, or one of the wrong kind: one 'error: ' line on stderr, exit status 2, nothing
+    written."""
+    make_logs(project, "runs", [1.88])
+    (project / "empty").mkdir()
+    before = snapshot(project)
+    assert tool.main([a.format(p=project) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {message.format(p=project)}") and err.count("\n") == 1, err
+    assert snapshot(project) == before
+
+
+def test_cli_error_is_one_line_and_exit_status_2(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "records" / "tool.py"), "check", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {tmp_path / 'x'}: no such file or folder\n")
 
 
 def test_new_refuses_seeds_with_different_configurations(project):

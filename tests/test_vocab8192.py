@@ -92,7 +92,8 @@ def test_tokenizer_and_default_output(built):
     sp, vocab, out = built["sp"], built["vocab"], built["out"]
     assert sp.vocab_size() == vocab and (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
     assert built["model"].with_suffix(".vocab").is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
+                                                     "manifest.json"]
     val = read_split(out, "val")
     assert (val == 1).sum() == VAL_DOCS and (read_split(out, "train") == 1).sum() == len(built["train"])
     assert int(val.max()) < vocab and int(read_split(out, "train").max()) >= vocab - 64  # late merges are used
