@@ -468,7 +468,8 @@ GET_DATA = ("get the published shards and tokenizers: python data/cached_challen
             "--variant sp1024 (or sp8192); or build them from any text: python data/build_shards.py --help")
 
 
-def load_data_shard(path: str, vocab_size: int) -> np.ndarray:
+def shard_length(path: str) -> int:
+    """A shard's token count, checked against its header and its file size."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"shard {path}: no such file")
     size = os.path.getsize(path)
@@ -483,7 +484,11 @@ def load_data_shard(path: str, vocab_size: int) -> np.ndarray:
         raise ValueError(f"shard {path}: header says {n} tokens (empty shard)")
     if size != HEADER_BYTES + 2 * n:
         raise ValueError(f"shard {path}: {size} bytes, not {HEADER_BYTES + 2 * n} ({n} tokens): truncated?")
-    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    return n
+
+
+def load_data_shard(path: str, vocab_size: int) -> np.ndarray:
+    tokens = np.fromfile(path, dtype="<u2", count=shard_length(path), offset=HEADER_BYTES)
     top = int(tokens.max())
     if top >= vocab_size:
         raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE {vocab_size} (wrong tokenizer/vocab?)")
@@ -589,8 +594,7 @@ def check_manifest(h: Hyperparameters, ctx: Context):
     if tok["sha256"] != digest:
         raise ValueError(f"TOKENIZER_PATH={h.TOKENIZER_PATH} (sha256 {digest[:12]}) is not the tokenizer of "
                          f"the shards in DATA_PATH: {path} names {tok['file']} (sha256 {tok['sha256'][:12]})")
-    shards = list_shards(f"{h.DATA_PATH}/fineweb_val_*.bin")
-    have = sum(int(np.fromfile(f, "<i4", count=3)[2]) for f in shards)
+    have = sum(map(shard_length, list_shards(f"{h.DATA_PATH}/fineweb_val_*.bin")))
     if have != val_tokens:
         raise ValueError(f"DATA_PATH={h.DATA_PATH}: the validation shards hold {have} tokens, {path} says "
                          f"{val_tokens}: a shard is missing or foreign")
@@ -2322,9 +2326,10 @@ def check_outputs(h: Hyperparameters):
     for name in ("DUMP_TOKEN_NLL",) + (() if h.EVAL_ARTIFACT else ("ARTIFACT_PATH",)):
         path = getattr(h, name)
         folder = os.path.dirname(os.path.abspath(path))
-        why = "a directory" if os.path.isdir(path) else f"{folder}: missing or read-only"
-        if path and (os.path.isdir(path) or not os.access(folder, os.W_OK)):
-            raise ValueError(f"{name}={path}: cannot be written ({why})")
+        if path and os.path.isdir(path):
+            raise ValueError(f"{name}={path}: cannot be written (a directory)")
+        if path and not os.access(folder, os.W_OK):
+            raise ValueError(f"{name}={path}: cannot be written ({folder}: missing or read-only)")
 
 
 def report_crash(e: BaseException, ctx: Context | None):

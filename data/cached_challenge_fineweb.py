@@ -26,13 +26,12 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from build_shards import BuildError, sha256, write_manifest  # data/ is on sys.path when run as a script
+from build_shards import BuildError, sha256, shard_length, write_manifest  # data/ is on sys.path when run as a script
 
 OFFICIAL_REPO_ID = "willdepueoai/parameter-golf"
 # Exports that are not in the challenge's repo. kevclark/parameter-golf is the repo the SP4096 records
@@ -40,7 +39,6 @@ OFFICIAL_REPO_ID = "willdepueoai/parameter-golf"
 VARIANT_REPO_IDS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
 REMOTE_ROOT = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")
 DATA_DIR = Path(__file__).resolve().parent
-MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
 
 
 def repo_id_for(variant: str, override: str | None = None, env=None) -> str:
@@ -84,12 +82,11 @@ class HubFetcher:
 
 def shard_size_ok(path: Path) -> bool:
     """A .bin shard is complete iff its size matches the token count in its header."""
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
+    try:
+        shard_length(path)
+        return True
+    except BuildError:
         return False
-    with open(path, "rb") as f:
-        magic, version, n = struct.unpack("<3i", f.read(12))
-    return magic == MAGIC and version == VERSION and size == HEADER_BYTES + 2 * n
 
 
 def check_file(path: Path, expected: dict, *, hash_it: bool) -> str | None:
