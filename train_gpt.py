@@ -1,4 +1,4 @@
-"""Parameter Golf training script: 11-layer GQA GPT -> full-GPTQ int6 artifact -> sliding + TTT eval.
+"""Parameter Golf training script: 11-layer GQA GPT -> full-GPTQ int6 artifact -> sliding + score-first TTT.
 
 Launch: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (CUDA, bf16, compile, NCCL), or
 `python train_gpt.py` as one process (CPU: fp32, SDPA, no compile). Sections in pipeline order: config ->
@@ -132,10 +132,13 @@ SETTINGS = {
         ("EVAL_STRIDE", 64, "sliding-window stride", ">0"),
         ("EVAL_BATCH_SEQS", 32, "windows per batch", ">0"),
         ("EVAL_BUDGET_SECONDS", 600.0, "TTT stops adapting before it"),
-        ("DUMP_TOKEN_NLL", "", ".npy of the last pass's NLLs"),
+        ("SLIDING_WINDOW_ENABLED", True, "the sliding-window pass"),
+        ("DUMP_TOKEN_NLL", "", "X.npy: the last pass's NLLs (+ X.order.npy)"),
     ],
     "ttt": [
-        ("TTT_ENABLED", True, "score-first TTT after sliding"),
+        ("TTT_ENABLED", True, "score-first TTT, the last pass"),
+        ("TTT_MODE", "chunk", "#549's chunked SGD or #1855's LoRA", ("chunk", "lora")),
+        # chunk mode: the stream in chunks, each scored by sliding windows, then trained on
         ("TTT_OPTIMIZER", "sgd", "#549's, or #734's", ("sgd", "adamw")),
         ("TTT_LR", 0.002, "cosine over chunks"),
         ("TTT_EPOCHS", 3, "per scored chunk", ">=0"),
@@ -143,7 +146,31 @@ SETTINGS = {
         ("TTT_FREEZE_BLOCKS", 0, "first blocks frozen", ">=0"),
         ("TTT_MOMENTUM", 0.9, "SGD momentum"),
         ("TTT_BATCH_SEQS", 32, "per step, all ranks", ">0"),
-        ("TTT_GRAD_CLIP", 1.0, "grad-norm clip"),
+        ("TTT_GRAD_CLIP", 1.0, "grad-norm clip (<= 0: off)"),
+        # lora mode: each document scored in chunks, each then trained on by its own adapters
+        ("TTT_EVAL_SEQ_LEN", 2048, "a document's context (longer ones slide)", ">0"),
+        ("TTT_CHUNK_SIZE", 48, "targets per score-then-train step", ">0"),
+        ("TTT_BATCH_SIZE", 64, "documents adapted together, per rank", ">0"),
+        ("TTT_LORA_RANK", 80, "adapter rank", ">0"),
+        ("TTT_LORA_ALPHA", 144.0, "adapter scale: alpha / rank"),
+        ("TTT_LORA_LR", 1e-4, "Adam LR"),
+        ("TTT_BETA1", 0.0, "Adam beta1", "[0,1)"),
+        ("TTT_BETA2", 0.99, "Adam beta2", "[0,1)"),
+        ("TTT_WEIGHT_DECAY", 0.5, "AdamW weight decay", ">=0"),
+        ("TTT_WARM_START_A", True, "A carries over (B resets)"),
+        ("TTT_Q_LORA", True, "adapt queries"),
+        ("TTT_K_LORA", True, "adapt keys"),
+        ("TTT_V_LORA", True, "adapt values"),
+        ("TTT_O_LORA", True, "adapt attention outputs"),
+        ("TTT_MLP_LORA", True, "adapt MLP outputs"),
+        ("PHASED_TTT_NUM_PHASES", 3, "global SGD pauses (0: none)", ">=0"),
+        ("PHASED_TTT_PREFIX_DOCS", 2500, "documents scored by the last pause", ">=0"),
+        ("GLOBAL_TTT_LR", 1e-3, "pause SGD LR, cosine over chunks"),
+        ("GLOBAL_TTT_MOMENTUM", 0.9, "pause SGD momentum"),
+        ("GLOBAL_TTT_EPOCHS", 1, "pause epochs per chunk", ">=0"),
+        ("GLOBAL_TTT_CHUNK_TOKENS", 32_768, "pause tokens per cosine step", ">0"),
+        ("GLOBAL_TTT_BATCH_SEQS", 32, "pause rows per step, all ranks", ">0"),
+        ("GLOBAL_TTT_GRAD_CLIP", 1.0, "pause grad-norm clip (<= 0: off)"),
     ],
     "runtime": [
         ("PRESET", "pr549", "a key of PRESETS"),
@@ -164,7 +191,7 @@ EVAL_KEYS = tuple(s.name for s in HPARAMS if s.group in ("evaluation", "ttt")
                   and s.name not in ("EVAL_ARTIFACT", "DUMP_TOKEN_NLL")) + ("TRAIN_SEQ_LEN",)
 PRESETS = {
     "pr549": {},  # the defaults: 1.1194 bpb
-    # The SP8192 stack of PR #1394 -> #1493 -> #1787/#1855, without CaseOps and LoRA TTT (README: Presets)
+    # The SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 and its LoRA TTT, no CaseOps (README: Presets)
     "sp8192": dict(
         DATA_PATH="./data/datasets/fineweb10B_sp8192", VOCAB_SIZE=8192,
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model", MLP_MULT=4.0, ROPE_SCALING="none",
@@ -173,11 +200,11 @@ PRESETS = {
         PARALLEL_START_LAYER=8, ITERATIONS=20000, WARMDOWN_ITERS=0, WARMDOWN_FRAC=0.85, MIN_LR=0.10,
         MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_ROW_NORMALIZE=True,
         MUON_POLAR_EXPRESS=True, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, EMA_DECAY=0.9965,
-        TTT_LR=0.005, VAL_LOSS_EVERY=0, EMBED_BITS=7, ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5,
-        EMBED_CLIP_SIGMAS=14.0),
+        VAL_LOSS_EVERY=0, EMBED_BITS=7, ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0,
+        SLIDING_WINDOW_ENABLED=False, TTT_MODE="lora", TTT_LR=0.005),  # TTT_LR: #1493's, for TTT_MODE=chunk
 }
 # An unknown env var is refused when it is a typo of a setting, or starts with a setting's first word
-# (TTT_LORA_RANK) but not one other tools use too (NUM_THREADS, MAX_JOBS), or a lineage prefix we lack.
+# (TTT_GRAD_STEPS) but not one other tools use too (NUM_THREADS, MAX_JOBS), or a lineage prefix we lack.
 SHARED_PREFIXES = ("NUM_", "MAX_", "MIN_", "DATA_", "RUN_", "MODEL_", "ENABLE_", "SIZE_")
 FOREIGN_PREFIXES = ("QAT_", "LATE_QAT")
 TYPO_SIMILARITY = 0.85  # difflib ratio: NUM_LAYER/NUM_LAYERS 0.95, WORLD_SIZE/VOCAB_SIZE 0.6
@@ -296,6 +323,9 @@ class Hyperparameters:
         need(self.AWQ_LITE_GROUP_TOP_K == 0 or self.MATRIX_BITS < 8, "AWQ_LITE_GROUP_TOP_K",
              "promotes column groups to int8: needs MATRIX_BITS < 8")
         need(self.EVAL_STRIDE <= self.EVAL_SEQ_LEN, "EVAL_STRIDE", "must be <= EVAL_SEQ_LEN")
+        need(self.TTT_CHUNK_SIZE <= self.TTT_EVAL_SEQ_LEN, "TTT_CHUNK_SIZE", "must be <= TTT_EVAL_SEQ_LEN")
+        need(not self.DUMP_TOKEN_NLL or self.SLIDING_WINDOW_ENABLED or self.TTT_ENABLED, "DUMP_TOKEN_NLL",
+             "dumps the sliding or TTT pass: enable one")
 
     def items(self):
         return [(s.name, getattr(self, s.name)) for s in HPARAMS]
@@ -646,6 +676,31 @@ class BpbMeter:
         return loss / max(count, 1), loss / (math.log(2) * max(nbytes, 1))
 
 
+class TokenDump:
+    """DUMP_TOKEN_NLL=X.npy: each target's NLL; X.order.npy: the index of the scoring step that scored it
+    (targets scored together share it; 0 everywhere for a pass that does not adapt), so anyone can check
+    that no score depends on a token scored later. Each target is scored once, on one rank: the sums of
+    zeros elsewhere are exact."""
+
+    def __init__(self, n_targets: int, device):
+        self.nll = torch.zeros(n_targets, device=device)
+        self.order = torch.zeros(n_targets, dtype=torch.int64, device=device)
+
+    def add(self, idx: Tensor, mask: Tensor, nll: Tensor, step: int):
+        self.nll.index_put_((idx,), torch.where(mask, nll.detach().float(), 0.0), accumulate=True)
+        self.order.index_put_((idx,), torch.where(mask, step, 0), accumulate=True)
+
+    def save(self, path: str, ctx):
+        if dist.is_initialized():
+            dist.all_reduce(self.nll)
+            dist.all_reduce(self.order)
+        if ctx.master:
+            root = path[:-4] if path.endswith(".npy") else path
+            np.save(root + ".npy", self.nll.cpu().numpy().astype(np.float32))
+            np.save(root + ".order.npy", self.order.cpu().numpy())
+            ctx.log(f"dump_token_nll:{root}.npy order:{root}.order.npy targets:{self.nll.numel()}")
+
+
 def sliding_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
     """Rows (start, score_from, score_to) over target indices (target j is token j+1 given tokens <= j).
     The first window scores all its targets, later ones their last `stride`; a final window ending
@@ -661,8 +716,8 @@ def sliding_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
 
 
 def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, meter: BpbMeter,
-                  nll_out: Tensor | None):
-    """Scores windows of EVAL_SEQ_LEN tokens into `meter`, and per target into nll_out. Every batch has
+                  dump: TokenDump | None, step: int = 0):
+    """Scores windows of EVAL_SEQ_LEN tokens into `meter`, and per target into `dump`. Every batch has
     EVAL_BATCH_SEQS rows (padded with windows (0, 0, 0) that score nothing), so every eval path runs one
     compiled graph; masks apply as sums on the device, so no batch waits for the host."""
     B, L = h.EVAL_BATCH_SEQS, min(h.EVAL_SEQ_LEN, val_tokens.numel() - 1)
@@ -681,14 +736,14 @@ def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, 
                 nll = model_fn(x, y)
             mask = (idx >= w[:, 1:2]) & (idx < w[:, 2:3])
             meter.add(nll, x, y, luts, mask)
-            if nll_out is not None:  # each target is scored once: adding zeros elsewhere leaves it exact
-                nll_out.index_put_((idx,), torch.where(mask, nll.float(), 0.0), accumulate=True)
+            if dump is not None:
+                dump.add(idx, mask, nll, step)
 
 
-def eval_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, nll_out=None):
+def eval_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, dump=None):
     """(val_loss, val_bpb) over all ranks, each scoring its share of `wins`."""
     meter = BpbMeter(ctx.device)
-    score_windows(model_fn, val_tokens, rank_share(wins, ctx), h, ctx, luts, meter, nll_out)
+    score_windows(model_fn, val_tokens, rank_share(wins, ctx), h, ctx, luts, meter, dump)
     return meter.result()
 
 
@@ -699,9 +754,9 @@ def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, ctx: Context, lut
     return eval_windows(model_fn, val_tokens, np.stack([starts, starts, starts + L], axis=1), h, ctx, luts)
 
 
-def eval_val_sliding(model_fn, val_tokens: Tensor, h, ctx, luts, nll_out=None) -> tuple[float, float]:
+def eval_val_sliding(model_fn, val_tokens: Tensor, h, ctx, luts, dump=None) -> tuple[float, float]:
     wins = sliding_windows(val_tokens.numel() - 1, h.EVAL_SEQ_LEN, h.EVAL_STRIDE)
-    return eval_windows(model_fn, val_tokens, wins, h, ctx, luts, nll_out)
+    return eval_windows(model_fn, val_tokens, wins, h, ctx, luts, dump)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -799,6 +854,12 @@ def previous_token(x: Tensor) -> Tensor:
     return F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
+def adapt(ad, key: str, inp: Tensor, out: Tensor) -> Tensor:
+    """out plus the TTT adapter `key`'s correction from inp, where the layer's adapters `ad` have one (None:
+    the plain model). The adapted forward is the model's own, so no gate or lane can be missed."""
+    return out if ad is None or key not in ad else out + ad[key](inp)
+
+
 class SmearGate(nn.Module):
     """PR #549's: out_t = (1-g) x_t + g x_{t-1} on the normed embedding, g = sigmoid(gate) per channel (a BOS
     sees the previous document's last token)."""
@@ -889,12 +950,12 @@ class Block(nn.Module):
         self.gate_scale = h.SPARSE_ATTN_GATE_SCALE
         self.site = {s.site: f"blocks.{layer}.{s.site}" for s in BANK_SLOTS}  # Hessian keys of its inputs
 
-    def attn(self, x, wq, wk, wv, wo, ve, rotary, observe):
+    def attn(self, x, wq, wk, wv, wo, ve, rotary, observe, ad=None):
         B, T, _ = x.shape
         observe(self.site["attn.qkv"], x)
-        q = F.linear(x, wq.to(x.dtype)).view(B, T, self.nh, self.hd)
-        k = F.linear(x, wk.to(x.dtype)).view(B, T, self.nkv, self.hd)
-        v = F.linear(x, wv.to(x.dtype))
+        q = adapt(ad, "q", x, F.linear(x, wq.to(x.dtype))).view(B, T, self.nh, self.hd)
+        k = adapt(ad, "k", x, F.linear(x, wk.to(x.dtype))).view(B, T, self.nkv, self.hd)
+        v = adapt(ad, "v", x, F.linear(x, wv.to(x.dtype)))
         if ve is not None:
             v = v + ve
         v = v.view(B, T, self.nkv, self.hd)
@@ -908,27 +969,29 @@ class Block(nn.Module):
             y = y * torch.sigmoid(gate)[..., None]
         y = y.reshape(B, T, self.nh * self.hd)
         observe(self.site["attn.proj"], y)
-        return F.linear(y, wo.to(y.dtype))
+        return adapt(ad, "o", y, F.linear(y, wo.to(y.dtype)))
 
-    def mlp(self, x, wup, wdown, observe):
+    def mlp(self, x, wup, wdown, observe, ad=None):
         observe(self.site["mlp.fc"], x)
         u = F.leaky_relu(F.linear(x, wup.to(x.dtype)), negative_slope=0.5).square()
         observe(self.site["mlp.proj"], u)
-        return F.linear(u, wdown.to(u.dtype))
+        out = F.linear(u, wdown.to(u.dtype))
+        return adapt(ad, "mlp", out, out)  # #1855's MLP adapter reads the MLP's output
 
-    def forward(self, x, x0, w, ve, rotary, observe):
+    def forward(self, x, x0, w, ve, rotary, observe, ad=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_s, *w[:4], ve, rotary, observe)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_s, *w[4:], observe)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.ln_s, *w[:4], ve, rotary, observe,
+                                                        ad)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_s, *w[4:], observe, ad)
 
-    def lanes(self, lane0, lane1, x0, w, ve, rotary, observe, resid, post):
+    def lanes(self, lane0, lane1, x0, w, ve, rotary, observe, ad, resid, post):
         """Two-lane parallel residual (PR #1530): attention reads lane 0 (mixed with x0), the MLP lane 1, in
         parallel; lane k keeps resid[k] of itself and takes post[0, k] of attention and post[1, k] of MLP."""
         mix, dt = self.resid_mix.to(lane0.dtype), lane0.dtype
         x = rms_norm(mix[0] * lane0 + mix[1] * x0) * self.ln_s
-        a = self.attn_scale.to(dt) * self.attn(x, *w[:4], ve, rotary, observe)
-        m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.ln_s, *w[4:], observe)
+        a = self.attn_scale.to(dt) * self.attn(x, *w[:4], ve, rotary, observe, ad)
+        m = self.mlp_scale.to(dt) * self.mlp(rms_norm(lane1) * self.ln_s, *w[4:], observe, ad)
         r, p = resid.to(dt), post.to(dt)
         return r[0] * lane0 + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a + p[1, 1] * m
 
@@ -1012,28 +1075,31 @@ class GPT(nn.Module):
             return x + s
         return torch.lerp(s, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
 
-    def block_args(self, i: int, ve: Tensor | None) -> tuple:
-        """Layer i's matrices, its scaled value embedding (or None), the rotary and the Hessian observer."""
+    def block_args(self, i: int, ve: Tensor | None, ad) -> tuple:
+        """Layer i's matrices, its scaled value embedding (or None), the rotary, the Hessian observer and its
+        TTT adapters (or None)."""
         ve_i = ve * self.ve_layer_scales[self.ve_slot[i]] if i in self.ve_slot else None
-        return self.layer_weights(i), ve_i, self.rotary, self.observe
+        return self.layer_weights(i), ve_i, self.rotary, self.observe, ad
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def hidden(self, ids: Tensor, lora=None) -> Tensor:
         """The encoder is the first half of the (looped) layer order and keeps each output; the decoder takes
         them back as U-Net skips, last first. Lane layers are the decoder's tail (_validate): there the skip
-        goes to lane 0, and the output is the lanes' mean."""
+        goes to lane 0, and the output is the lanes' mean. Adapters: one set per position in the order."""
         x = x0 = self.embed(ids)
         ve = self.ve_shared(ids) if self.ve_shared is not None else None
         order = self.order()
-        enc, dec = order[:len(order) // 2], order[len(order) // 2:]
+        half = len(order) // 2
+        enc, dec = order[:half], order[half:]
+        ads = list(lora.layers) if lora is not None else [None] * len(order)
         skips = []
-        for i in enc:
-            x = self.blocks[i](x, x0, *self.block_args(i, ve))
+        for v, i in enumerate(enc):
+            x = self.blocks[i](x, x0, *self.block_args(i, ve, ads[v]))
             skips.append(x)
         split = len(dec) - self.n_lane_layers
         for j, i in enumerate(dec[:split]):
             if skips:
                 x = self.add_skip(j, x, skips.pop())
-            x = self.blocks[i](x, x0, *self.block_args(i, ve))
+            x = self.blocks[i](x, x0, *self.block_args(i, ve, ads[half + j]))
         if not self.n_lane_layers:
             return rms_norm(x)
         lane0 = lane1 = x
@@ -1041,17 +1107,62 @@ class GPT(nn.Module):
             if skips:
                 lane0 = self.add_skip(j, lane0, skips.pop())
             k = i - self.par_start
-            lane0, lane1 = self.blocks[i].lanes(lane0, lane1, x0, *self.block_args(i, ve),
+            lane0, lane1 = self.blocks[i].lanes(lane0, lane1, x0, *self.block_args(i, ve, ads[half + j]),
                                                 self.lane_resid[k], self.lane_post[k])
         return rms_norm(0.5 * (lane0 + lane1))
 
-    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        """Per-token NLL (B, T) in fp32; training takes its mean, evaluation sums the scored positions."""
-        h = self.hidden(ids)
+    def forward(self, ids: Tensor, targets: Tensor, lora=None) -> Tensor:
+        """Per-token NLL (B, T) in fp32; training takes its mean, evaluation sums the scored positions.
+        `lora`: TTT's Adapters, one document per row."""
+        h = self.hidden(ids, lora)
         self.observe(LM_HEAD_SITE, h)  # the tied embedding's GPTQ Hessian comes from its output side
-        logits = F.linear(h, self.tok_emb.weight.to(h.dtype)).float()
-        logits = self.softcap * torch.tanh(logits / self.softcap)
+        logits = F.linear(h, self.tok_emb.weight.to(h.dtype))
+        if lora is not None:
+            logits = logits + lora.head(h)
+        logits = self.softcap * torch.tanh(logits.float() / self.softcap)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+class LoRA(nn.Module):
+    """A low-rank correction per batch row (one document each): x (R, T, n_in) -> alpha/rank * x A^T B^T with
+    A (R, rank, n_in), B (R, n_out, rank). B is zero after every reset: the correction starts at exactly 0."""
+
+    def __init__(self, rows: int, n_in: int, n_out: int, rank: int, alpha: float):
+        super().__init__()
+        self.scale, self.bound = alpha / rank, 1.0 / math.sqrt(n_in)
+        self.A = nn.Parameter(torch.zeros(rows, rank, n_in))
+        self.B = nn.Parameter(torch.zeros(rows, n_out, rank))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype) * self.scale
+
+
+LORA_SITES = ("q", "k", "v", "o", "mlp")  # each switched on by TTT_{Q,K,V,O,MLP}_LORA
+
+
+class Adapters(nn.Module):
+    """TTT's adapters for `rows` documents: those of LORA_SITES switched on, for each position in the layer
+    order (a looped layer adapts separately on each pass, as in #1855), and the lm head's."""
+
+    def __init__(self, model: GPT, h: Hyperparameters, rows: int):
+        super().__init__()
+        d, kvd = h.MODEL_DIM, h.NUM_KV_HEADS * h.head_dim
+        out = {"q": d, "k": kvd, "v": kvd, "o": d, "mlp": d}
+        on = [k for k in LORA_SITES if getattr(h, f"TTT_{k.upper()}_LORA")]
+        r, a = h.TTT_LORA_RANK, h.TTT_LORA_ALPHA
+        self.layers = nn.ModuleList(nn.ModuleDict({k: LoRA(rows, d, out[k], r, a) for k in on})
+                                    for _ in model.order())
+        self.head = LoRA(rows, d, h.VOCAB_SIZE, r, a)
+
+    @torch.no_grad()
+    def reset(self, keep_a: bool, seed: int):
+        """B = 0 (the plain model again); A uniform in +-1/sqrt(n_in) from `seed` unless kept (warm start)."""
+        gen = torch.Generator(self.head.A.device).manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, LoRA):
+                m.B.zero_()
+                if not keep_a:
+                    m.A.uniform_(-m.bound, m.bound, generator=gen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2047,7 +2158,8 @@ def pack_artifact(entries: dict | None, h: Hyperparameters, ctx: Context, meta: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: legal score-first TTT
+# Evaluation: legal score-first TTT. Chunk mode (#549): the stream in chunks, each scored by sliding
+# windows, then trained on. Lora mode (#1530 -> #1610/#1626 -> #1855): documents, each with its own adapters.
 # ----------------------------------------------------------------------------------------------
 
 TTT_TRAIN_COST_PRIOR = 3  # before any chunk has trained, a TTT epoch is assumed to cost 3 scoring passes
@@ -2055,25 +2167,26 @@ TTT_LOG_EVERY = 10  # chunks between ttt_chunk lines
 
 
 class TTTState:
-    """What adapts during TTT and how. Frozen blocks are left out of the optimizer, and their rows in the
-    shared banks get zero gradient (so neither SGD nor AdamW, both without weight decay, moves them):
-    requires_grad never changes, so the compiled graphs stay valid."""
+    """What trains during chunk TTT and lora TTT's pauses, and how; `rows` per rank in every step (one padded
+    shape: one compiled graph). Frozen blocks are left out of the optimizer, and their rows in the shared
+    banks get zero gradient (so neither SGD nor AdamW, both without weight decay, moves them)."""
 
-    def __init__(self, model: GPT, h: Hyperparameters, ctx: Context):
-        n, f = h.NUM_LAYERS, h.TTT_FREEZE_BLOCKS
-        frozen = [p for block in model.blocks[:f] for p in block.parameters()]
+    def __init__(self, model: GPT, ctx, optimizer: str, lr: float, momentum: float, clip: float, rows: int,
+                 freeze: int = 0):
+        n = len(model.blocks)
+        frozen = [p for block in model.blocks[:freeze] for p in block.parameters()]
         frozen_ids = {id(p) for p in frozen}
         self.params = [p for p in model.parameters() if id(p) not in frozen_ids]
-        # each slot's frozen layers are bank rows [slot * n, slot * n + f)
-        self.frozen_rows = [(getattr(model, s.bank), s.slot * n) for s in BANK_SLOTS] if f else []
-        self.f, self.clip = f, h.TTT_GRAD_CLIP
-        self.n_frozen = sum(p.numel() for p in frozen) + sum(f * b[0].numel() for b, _ in self.frozen_rows)
-        # rows per rank of each fixed-shape TTT step: a global batch is at most one chunk's sequences
-        self.rows = ceil_div(min(h.TTT_BATCH_SEQS, ceil_div(h.TTT_CHUNK_TOKENS, h.TRAIN_SEQ_LEN)), ctx.world)
-        if h.TTT_OPTIMIZER == "sgd":
-            self.opt = torch.optim.SGD(self.params, lr=h.TTT_LR, momentum=h.TTT_MOMENTUM)
+        # each slot's frozen layers are bank rows [slot * n, slot * n + freeze)
+        self.frozen_rows = [(getattr(model, s.bank), s.slot * n) for s in BANK_SLOTS] if freeze else []
+        self.f, self.clip = freeze, clip
+        self.rows = rows
+        per_layer = sum(bank[0].numel() for bank, _ in self.frozen_rows)
+        self.n_frozen = sum(p.numel() for p in frozen) + freeze * per_layer
+        if optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.params, lr=lr, momentum=momentum)
         else:
-            self.opt = torch.optim.AdamW(self.params, lr=h.TTT_LR, weight_decay=0.0)
+            self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
 
     def reduce_grads(self):
         """Zeroes the frozen bank rows; sums the gradients over ranks in one flat all-reduce every rank joins
@@ -2084,43 +2197,56 @@ class TTTState:
         if dist.is_initialized():
             dist.all_reduce(flat)
         set_grads(self.params, flat)
-        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
 
 
-def ttt_rows(val_tokens: Tensor, start: int, hi: int, count: int, rows: int, L: int) -> tuple[Tensor, Tensor]:
-    """`rows` sequences of L targets from `start`; rows >= count and targets >= hi are padding with input 0
-    and label -100 (ignored by cross-entropy): nothing at or past hi enters the step."""
-    r = torch.arange(rows, device=val_tokens.device)[:, None]
-    idx = start + r * L + torch.arange(L, device=val_tokens.device)
-    keep = (r < count) & (idx < hi)
-    idx = idx.clamp(max=val_tokens.numel() - 2)
+def piece_rows(val_tokens: Tensor, pieces: np.ndarray, rows: int, L: int) -> tuple[Tensor, Tensor]:
+    """`rows` rows of L targets; row r holds pieces[r] = (first target, n <= L targets). The rest is padding
+    with input 0 and label -100 (ignored by cross-entropy): no target outside the pieces enters the step."""
+    p = torch.zeros((rows, 2), dtype=torch.int64)
+    p[:len(pieces)] = torch.from_numpy(pieces.reshape(-1, 2))
+    p, t = p.to(val_tokens.device), torch.arange(L, device=val_tokens.device)
+    idx, keep = (p[:, :1] + t).clamp(max=val_tokens.numel() - 2), t < p[:, 1:]
     return torch.where(keep, val_tokens[idx], 0), torch.where(keep, val_tokens[idx + 1], -100)
 
 
+def train_pieces(model_fn, state: TTTState, val_tokens: Tensor, pieces: np.ndarray, batch_seqs: int, L: int,
+                 ctx):
+    """One pass over `pieces` in global batches of batch_seqs rows, split over ranks by rank_span; each rank's
+    step has the same padded shape (state.rows, L), and the loss is the mean over the global batch."""
+    for b in range(0, len(pieces), batch_seqs):
+        batch = pieces[b:b + batch_seqs]
+        first, count = rank_span(len(batch), ctx.rank, ctx.world)
+        x, y = piece_rows(val_tokens, batch[first:first + count], state.rows, L)
+        state.opt.zero_grad(set_to_none=False)
+        with ctx.autocast():
+            loss = model_fn(x, y).sum() / int(batch[:, 1].sum())
+        loss.backward()
+        state.reduce_grads()
+        state.opt.step()
+
+
 def ttt_train_chunk(model_fn, state: TTTState, val_tokens: Tensor, lo: int, hi: int, lr: float, h, ctx):
-    """Trains on targets [lo, hi), all already scored, in global batches of TTT_BATCH_SEQS sequences split
-    over ranks by rank_span; each rank's step has the same padded shape (state.rows, TRAIN_SEQ_LEN)."""
-    L = h.TRAIN_SEQ_LEN
-    n_seq = ceil_div(hi - lo, L)
+    """Trains on targets [lo, hi), all scored already: rows of TRAIN_SEQ_LEN targets, TTT_EPOCHS times."""
+    starts = np.arange(lo, hi, h.TRAIN_SEQ_LEN)
+    pieces = np.stack([starts, np.minimum(hi - starts, h.TRAIN_SEQ_LEN)], axis=1)
     for g in state.opt.param_groups:
         g["lr"] = lr
     for _ in range(h.TTT_EPOCHS):
-        for b in range(0, n_seq, h.TTT_BATCH_SEQS):
-            size = min(h.TTT_BATCH_SEQS, n_seq - b)
-            first, count = rank_span(size, ctx.rank, ctx.world)
-            targets = min(hi, lo + (b + size) * L) - (lo + b * L)
-            x, y = ttt_rows(val_tokens, lo + (b + first) * L, hi, count, state.rows, L)
-            state.opt.zero_grad(set_to_none=False)
-            with ctx.autocast():
-                loss = model_fn(x, y).sum() / targets
-            loss.backward()
-            state.reduce_grads()
-            state.opt.step()
+        train_pieces(model_fn, state, val_tokens, pieces, h.TTT_BATCH_SEQS, h.TRAIN_SEQ_LEN, ctx)
 
 
-def ttt_lr(h: Hyperparameters, c: int, n_chunks: int) -> float:
-    """Cosine from TTT_LR on the first chunk to 0 on the last."""
-    return h.TTT_LR * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+def chunk_ttt_state(model: GPT, h: Hyperparameters, ctx) -> TTTState:
+    # rows per rank of each fixed-shape step: a global batch is at most one chunk's sequences
+    rows = ceil_div(min(h.TTT_BATCH_SEQS, ceil_div(h.TTT_CHUNK_TOKENS, h.TRAIN_SEQ_LEN)), ctx.world)
+    return TTTState(model, ctx, h.TTT_OPTIMIZER, h.TTT_LR, h.TTT_MOMENTUM, h.TTT_GRAD_CLIP, rows,
+                    h.TTT_FREEZE_BLOCKS)
+
+
+def cosine(lr: float, c: int, n: int) -> float:
+    """Cosine from lr at step 0 to 0 at step n - 1."""
+    return lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
 
 
 def ttt_fits_budget(h, ctx, c: int, n_chunks: int, t_eval0: float, score_s: list, train_s: list) -> bool:
@@ -2135,7 +2261,7 @@ def ttt_fits_budget(h, ctx, c: int, n_chunks: int, t_eval0: float, score_s: list
     return False
 
 
-def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0: float, nll_out=None):
+def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0: float, dump=None):
     """Legal score-first TTT: chunk c's windows are scored under inference_mode with weights trained only
     on chunks < c; then (except the last chunk) the model trains on chunk c. If the eval budget would
     overrun, adaptation stops and the remaining chunks are scored with the current weights."""
@@ -2144,7 +2270,7 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
     C = h.TTT_CHUNK_TOKENS
     n_chunks = ceil_div(n_targets, C)
     chunk_of = np.minimum(wins[:, 1] // C, n_chunks - 1)
-    state = TTTState(model, h, ctx)
+    state = chunk_ttt_state(model, h, ctx)
     ctx.log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(wins)} "
             f"stride={h.EVAL_STRIDE} ttt_lr={h.TTT_LR} ttt_epochs={h.TTT_EPOCHS} "
             f"freeze_blocks={h.TTT_FREEZE_BLOCKS}")
@@ -2157,7 +2283,7 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
         ts = time.perf_counter()
         model.eval()
         mine = rank_share(wins[chunk_of == c], ctx)
-        score_windows(model_fn, val_tokens, mine, h, ctx, luts, meter, nll_out)
+        score_windows(model_fn, val_tokens, mine, h, ctx, luts, meter, dump, step=c)
         ctx.sync()
         score_s.append(time.perf_counter() - ts)
         last = c == n_chunks - 1
@@ -2165,8 +2291,8 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
         if adapting:
             ts = time.perf_counter()
             model.train()
-            lr = ttt_lr(h, c, n_chunks)
-            ttt_train_chunk(model_fn, state, val_tokens, c * C, min((c + 1) * C, n_targets), lr, h, ctx)
+            ttt_train_chunk(model_fn, state, val_tokens, c * C, min((c + 1) * C, n_targets),
+                            cosine(h.TTT_LR, c, n_chunks), h, ctx)
             ctx.sync()
             train_s.append(time.perf_counter() - ts)
         if ctx.any(progress.due(c % TTT_LOG_EVERY == 0 or last)):  # meter.result() is a collective
@@ -2176,6 +2302,258 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
     vl, vb = meter.result()
     ctx.log(f"ttt_sliding:done val_loss={vl:.6f} val_bpb={vb:.6f} elapsed={time.perf_counter() - t0:.1f}s")
     return vl, vb
+
+
+LORA_ADAM_EPS = 1e-10  # #1855's
+
+
+def lora_row_lengths(h: Hyperparameters) -> list[int]:
+    """Lora TTT's padded row lengths, one compiled graph each: TTT_CHUNK_SIZE doubling, then the context."""
+    out = [h.TTT_CHUNK_SIZE]
+    while out[-1] * 2 < h.TTT_EVAL_SEQ_LEN:
+        out.append(out[-1] * 2)
+    return out + [h.TTT_EVAL_SEQ_LEN] * (out[-1] < h.TTT_EVAL_SEQ_LEN)
+
+
+def row_length(lengths: list[int], n: int) -> int:
+    return next(L for L in lengths if L >= n)
+
+
+def find_docs(val_tokens: Tensor) -> np.ndarray:
+    """(first target, targets) per document. A document starts at a BOS (the first one at the stream's start)
+    and its targets run up to the next BOS, which its last target predicts: each target is in exactly one."""
+    toks = val_tokens.cpu().numpy()
+    starts = np.flatnonzero(toks[:-1] == BOS_ID)
+    if not starts.size or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return np.stack([starts, np.diff(np.append(starts, toks.size - 1))], axis=1)
+
+
+def doc_pieces(docs: np.ndarray, L: int) -> np.ndarray:
+    """Each document cut into rows (first target, n <= L targets): no row crosses a document boundary."""
+    k = ceil_div(docs[:, 1], L)
+    off = (np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)) * L
+    return np.stack([np.repeat(docs[:, 0], k) + off, np.minimum(np.repeat(docs[:, 1], k) - off, L)], axis=1)
+
+
+class DocPlan:
+    """Lora TTT's order, the same at any world size. Documents go longest first (ties in stream order) in
+    batches of TTT_BATCH_SIZE. Pause p comes after the batch holding document PHASED_TTT_PREFIX_DOCS * p /
+    PHASED_TTT_NUM_PHASES of that order, when every earlier batch is scored; it trains on all of them.
+    Scoring step first_step[q] + c is chunk c of batch q. cost: work units (row tokens through forward and
+    backward) of each batch and pause, to share batches out and to project the pass's time."""
+
+    def __init__(self, docs: np.ndarray, h: Hyperparameters, lengths: list[int]):
+        R, C = h.TTT_BATCH_SIZE, h.TTT_CHUNK_SIZE
+        n = len(docs)
+        self.docs = docs[np.argsort(-docs[:, 1], kind="stable")]
+        self.R, self.n_batches = R, ceil_div(n, R)
+        phases, prefix = h.PHASED_TTT_NUM_PHASES, min(h.PHASED_TTT_PREFIX_DOCS, n)
+        ends = {ceil_div(prefix * (p + 1) // phases, R) for p in range(phases)}
+        self.ends = sorted(e for e in ends if 0 < e < self.n_batches)  # no pause with nothing before or after
+        top = ceil_div(self.docs[::R, 1], C)  # chunks of each batch (its first document is its longest)
+        self.first_step = np.cumsum(top) - top
+        rows = [row_length(lengths, min((c + 1) * C, h.TTT_EVAL_SEQ_LEN)) for c in range(top.max())]
+        self.cost = R * np.cumsum(rows)[top - 1].astype(np.float64)
+        L = h.TTT_EVAL_SEQ_LEN
+        self.pause_cost = [len(doc_pieces(self.docs[:e * R], L)) * L * h.GLOBAL_TTT_EPOCHS
+                           for e in self.ends]
+
+    def rank_batches(self, lo: int, hi: int, world: int, rank: int) -> list[int]:
+        """This rank's share of batches [lo, hi): each batch in turn, longest first, goes to the rank with the
+        least work so far (a batch's cost follows its longest document: the first ones are the longest by
+        far), so the ranks reach a pause together. A rank scores its batches in queue order."""
+        load, mine = np.zeros(world), []
+        for q in range(lo, hi):
+            r = int(np.argmin(load))
+            load[r] += self.cost[q]
+            mine += [q] * (r == rank)
+        return mine
+
+    def segments(self) -> list[tuple[int, int]]:
+        bounds = [0] + self.ends + [self.n_batches]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def batch(self, q: int) -> np.ndarray:
+        return self.docs[q * self.R:(q + 1) * self.R]
+
+    def describe(self) -> str:
+        n, b = len(self.docs), [min(e * self.R, len(self.docs)) for e in self.ends]
+        prefix = b[-1] if b else 0
+        return (f"ttt_phased: total_docs:{n} prefix_docs:{prefix} suffix_docs:{n - prefix} "
+                f"num_phases:{len(b)} boundaries:{b} batches:{self.n_batches}")
+
+
+def requires_grad(model: nn.Module, flag: bool):
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+class LoraTTT:
+    """One rank's per-document LoRA TTT: TTT_BATCH_SIZE documents, one per row, each with its own adapters
+    (reset per batch) and Adam state, through the model's own forward."""
+
+    def __init__(self, model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, dump):
+        self.model, self.fn = model, model_fn
+        self.val, self.luts, self.dump = val_tokens, luts, dump
+        self.h, self.ctx = h, ctx
+        self.lora = Adapters(model, h, h.TTT_BATCH_SIZE).to(ctx.device)
+        self.opt = torch.optim.AdamW(self.lora.parameters(), lr=h.TTT_LORA_LR, eps=LORA_ADAM_EPS,
+                                     betas=(h.TTT_BETA1, h.TTT_BETA2), weight_decay=h.TTT_WEIGHT_DECAY)
+        self.meter, self.lengths = BpbMeter(ctx.device), lora_row_lengths(h)
+        self.pause_rows = ceil_div(h.GLOBAL_TTT_BATCH_SEQS, ctx.world)
+
+    def warmup(self, pauses: bool):
+        """Compiles every graph of the pass on random tokens, never validation tokens (#1530's flagged
+        mistake): the adapted forward and backward at each row length, and a pause's SGD step. It takes no
+        optimizer step, so nothing changes."""
+        h, ctx = self.h, self.ctx
+        R = h.TTT_BATCH_SIZE
+        gen = torch.Generator(ctx.device).manual_seed(h.SEED)
+
+        def rand(rows: int, T: int) -> Tensor:
+            return torch.randint(0, h.VOCAB_SIZE, (rows, T), device=ctx.device, generator=gen)
+
+        requires_grad(self.model, pauses)
+        if pauses:
+            shape = (self.pause_rows, h.TTT_EVAL_SEQ_LEN)
+            with ctx.autocast():
+                self.fn(rand(*shape), rand(*shape)).sum().backward()
+        requires_grad(self.model, False)
+        for T in self.lengths:
+            with ctx.autocast():
+                self.fn(rand(R, T), rand(R, T), self.lora).sum().backward()
+        for p in list(self.model.parameters()) + list(self.lora.parameters()):
+            p.grad = None
+
+    def rows(self, docs: np.ndarray, c: int):
+        """Chunk c of each document (a row): the window of up to TTT_EVAL_SEQ_LEN tokens ending at the chunk's
+        end, padded to a row length. Masks: the chunk's targets (scored), those of rows with a later chunk
+        (trained on). Padding rows and finished documents score nothing."""
+        h, C = self.h, self.h.TTT_CHUNK_SIZE
+        d = np.zeros((h.TTT_BATCH_SIZE, 2), dtype=np.int64)
+        d[:len(docs)] = docs
+        end = np.minimum((c + 1) * C, d[:, 1])  # document-relative
+        ws = np.maximum(end - h.TTT_EVAL_SEQ_LEN, 0)
+        geo = np.stack([d[:, 0] + ws, end - ws, np.minimum(c * C, end) - ws, d[:, 1] > end], axis=1)
+        geo = torch.from_numpy(geo.astype(np.int64)).to(self.ctx.device)
+        T = row_length(self.lengths, min((c + 1) * C, h.TTT_EVAL_SEQ_LEN))
+        t = torch.arange(T, device=self.ctx.device)
+        idx, valid = geo[:, :1] + t, t < geo[:, 1:2]
+        scored = valid & (t >= geo[:, 2:3])
+        idx = idx.clamp(max=self.val.numel() - 2)  # target indices; the clamped ones are padding
+        x, y = torch.where(valid, self.val[idx], 0), torch.where(valid, self.val[idx + 1], 0)
+        return x, y, idx, scored, scored & (geo[:, 3:] > 0)
+
+    def score_batch(self, docs: np.ndarray, first_step: int, train: bool, keep_a: bool, seed: int):
+        """Scores the documents chunk by chunk; after each chunk (but a document's last) one Adam step on its
+        targets. Scores come from the forward before the step that trains on them."""
+        self.lora.reset(keep_a, seed)
+        self.opt.state.clear()
+        n_chunks = ceil_div(int(docs[:, 1].max()), self.h.TTT_CHUNK_SIZE)
+        for c in range(n_chunks):
+            x, y, idx, scored, trained = self.rows(docs, c)
+            with self.ctx.autocast():
+                nll = self.fn(x, y, self.lora)
+            self.meter.add(nll.detach(), x, y, self.luts, scored)
+            if self.dump is not None:
+                self.dump.add(idx, scored, nll, first_step + c)
+            if train and c < n_chunks - 1:  # the longest document has a later chunk
+                ((nll * trained).sum() / self.h.TTT_CHUNK_SIZE).backward()  # per-row means, summed
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+
+    def pause(self, docs: np.ndarray):
+        """#1610's pause: SGD on the base weights over `docs`, all scored already, in rows of at most
+        TTT_EVAL_SEQ_LEN targets of one document each; cosine LR over GLOBAL_TTT_CHUNK_TOKENS chunks."""
+        h, L = self.h, self.h.TTT_EVAL_SEQ_LEN
+        pieces = doc_pieces(docs, L)
+        starts = np.cumsum(pieces[:, 1]) - pieces[:, 1]
+        _, chunk_of = np.unique(starts // h.GLOBAL_TTT_CHUNK_TOKENS, return_inverse=True)
+        n = chunk_of.max() + 1
+        state = TTTState(self.model, self.ctx, "sgd", h.GLOBAL_TTT_LR, h.GLOBAL_TTT_MOMENTUM,
+                         h.GLOBAL_TTT_GRAD_CLIP, self.pause_rows)
+        requires_grad(self.model, True)
+        for k in range(n):
+            for g in state.opt.param_groups:
+                g["lr"] = cosine(h.GLOBAL_TTT_LR, k, n)
+            for _ in range(h.GLOBAL_TTT_EPOCHS):
+                train_pieces(self.fn, state, self.val, pieces[chunk_of == k], h.GLOBAL_TTT_BATCH_SEQS, L,
+                             self.ctx)
+        requires_grad(self.model, False)
+        for p in state.params:
+            p.grad = None
+
+
+class LoraBudget:
+    """Whether this rank keeps adapting: while its pass (its batches and the pauses), projected from the work
+    done so far at the rate measured so far, ends within EVAL_BUDGET_SECONDS of the first scored token. Each
+    rank decides before each batch on its own; the ranks agree at each pause (a rank that stopped cancels
+    it) and at the end. After a stop, the rest is scored by the model as it stands (adapters at zero)."""
+
+    def __init__(self, total: float, n_batches: int, h, ctx, t0: float):
+        self.total, self.done = total, 0.0
+        self.h, self.ctx = h, ctx
+        self.t0, self.n_batches = t0, n_batches
+        self.adapting = True
+        self.stop = (math.inf, 0.0, 0.0)  # (batch, elapsed, projected) of this rank's stop
+
+    def keeps_adapting(self, q: int) -> bool:
+        elapsed = time.perf_counter() - self.t0
+        projected = elapsed * self.total / self.done if self.done else elapsed
+        if self.adapting and projected > self.h.EVAL_BUDGET_SECONDS:
+            self.adapting, self.stop = False, (q, elapsed, projected)
+        return self.adapting
+
+    def agreed(self) -> bool:
+        """Whether every rank still adapts (a collective); if not, none does from here, and the first stop
+        is logged once."""
+        if self.ctx.any(not self.adapting) and self.stop[1] >= 0:
+            q, elapsed = -self.ctx.max_across(-self.stop[0]), self.ctx.max_across(self.stop[1])
+            projected = self.ctx.max_across(self.stop[2])
+            self.ctx.log(f"ttt:budget_stop batch:{int(q) + 1}/{self.n_batches} elapsed:{elapsed:.1f}s "
+                         f"projected:{projected:.1f}s budget:{self.h.EVAL_BUDGET_SECONDS:.0f}s")
+            self.adapting, self.stop = False, (math.inf, -1.0, 0.0)
+        return self.adapting
+
+
+def eval_val_ttt_lora(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, dump=None):
+    """Per-document LoRA TTT with phased global SGD, score-first in DocPlan's order. Returns (val_loss,
+    val_bpb, ttt_eval_time): timed as the records time it, from the first scored token, after the warm-up."""
+    run = LoraTTT(model, model_fn, val_tokens, h, ctx, luts, dump)
+    t0 = time.perf_counter()
+    run.warmup(pauses=h.PHASED_TTT_NUM_PHASES > 0 and h.PHASED_TTT_PREFIX_DOCS > 0)
+    ctx.sync()
+    ctx.log(f"ttt_lora:compile warmup done ({time.perf_counter() - t0:.1f}s)")
+    log_compiled_graphs(ctx, "ttt_warmup")
+    t0 = time.perf_counter()
+    ctx.log("beginning TTT eval timer")
+    plan = DocPlan(find_docs(val_tokens), h, run.lengths)
+    ctx.log(plan.describe())
+    mine = [plan.rank_batches(lo, hi, ctx.world, ctx.rank) for lo, hi in plan.segments()]
+    total = sum(plan.cost[q] for batches in mine for q in batches) + sum(plan.pause_cost) / ctx.world
+    guard, progress = LoraBudget(total, plan.n_batches, h, ctx, t0), Progress()
+    for p, batches in enumerate(mine):
+        if p and guard.agreed():
+            lo = plan.ends[p - 1] * h.TTT_BATCH_SIZE
+            ctx.log(f"ttpp: phase:{p}/{len(plan.ends)} gd:{min(lo, len(plan.docs))} "
+                    f"t:{time.perf_counter() - t0:.1f}s")
+            run.pause(plan.docs[:lo])
+            guard.done += plan.pause_cost[p - 1] / ctx.world
+            ctx.log(f"ttpr: phase:{p}/{len(plan.ends)} t:{time.perf_counter() - t0:.1f}s")
+        for k, q in enumerate(batches):
+            keep_a = h.TTT_WARM_START_A and k > 0  # fresh A in each rank's first batch of a phase
+            train = guard.keeps_adapting(q)
+            run.score_batch(plan.batch(q), int(plan.first_step[q]), train, keep_a, h.SEED + 1 + q)
+            guard.done += plan.cost[q]
+            if progress.due():
+                rl, rb = run.meter.result(reduce=False)
+                ctx.log(f"ttp: b{q + 1}/{plan.n_batches} rl:{rl:.4f} rb:{rb:.4f} (this rank's) gd:{p} "
+                        f"t:{time.perf_counter() - t0:.1f}s")
+    guard.agreed()
+    vl, vb = run.meter.result()
+    requires_grad(model, True)
+    return vl, vb, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2285,11 +2663,13 @@ def log_metric(ctx, name: str, vl: float, vb: float, extra: str = ""):
 
 
 def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts):
-    """Roundtrip, sliding window and (if enabled) legal TTT on the reloaded artifact, timed as one budget."""
+    """Roundtrip, sliding window (if enabled) and TTT (if enabled) on the reloaded artifact. final_eval_time
+    counts everything from reading the artifact; ttt_eval_time only the TTT pass (lora mode: from its first
+    scored token, after the compile warm-up, as the records count it)."""
     t_eval0 = time.perf_counter()
     model, meta = load_eval_model(path, h, ctx)
     model_fn = compile_model(model, ctx)
-    nll_out = torch.zeros(val_tokens.numel() - 1, device=ctx.device) if h.DUMP_TOKEN_NLL else None
+    dump = TokenDump(val_tokens.numel() - 1, ctx.device) if h.DUMP_TOKEN_NLL else None
 
     def timed(fn, *args, **kw):
         ctx.sync()
@@ -2305,18 +2685,21 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
         same = (L, n) == (h.EVAL_SEQ_LEN, val_tokens.numel() - 1)
         ctx.log(f"quant_gap val_bpb:{vb - meta['prequant_val_bpb']:+.6f}" if same else
                 f"quant_gap:n/a (prequant scored {n} targets at EVAL_SEQ_LEN={L})")
-    sliding_nll = None if h.TTT_ENABLED else nll_out  # the dump holds the last pass
-    (vl, vb), ms = timed(eval_val_sliding, model_fn, val_tokens, h, ctx, luts, sliding_nll)
-    log_metric(ctx, "final_int6_sliding_window", vl, vb, f" stride:{h.EVAL_STRIDE} eval_time:{ms:.0f}ms")
-    if h.TTT_ENABLED:
-        (vl, vb), ms = timed(eval_val_ttt, model, model_fn, val_tokens, h, ctx, luts, t_eval0, nll_out)
+    if h.SLIDING_WINDOW_ENABLED:  # the dump holds the last pass
+        last = None if h.TTT_ENABLED else dump
+        (vl, vb), ms = timed(eval_val_sliding, model_fn, val_tokens, h, ctx, luts, last)
+        log_metric(ctx, "final_int6_sliding_window", vl, vb, f" stride:{h.EVAL_STRIDE} eval_time:{ms:.0f}ms")
+    if h.TTT_ENABLED and h.TTT_MODE == "lora":
+        (vl, vb, ttt_s), ms = timed(eval_val_ttt_lora, model, model_fn, val_tokens, h, ctx, luts, dump)
+        log_metric(ctx, "quantized_ttt_phased", vl, vb, f" eval_time:{1000 * ttt_s:.0f}ms")
+    elif h.TTT_ENABLED:
+        (vl, vb), ms = timed(eval_val_ttt, model, model_fn, val_tokens, h, ctx, luts, t_eval0, dump)
         log_metric(ctx, "legal_ttt", vl, vb, f" eval_time:{ms:.0f}ms")
-    if nll_out is not None:
-        if dist.is_initialized():
-            dist.all_reduce(nll_out)  # each target was scored by exactly one rank
-        if ctx.master:
-            np.save(h.DUMP_TOKEN_NLL, nll_out.cpu().numpy().astype(np.float32))
-            ctx.log(f"dump_token_nll:{h.DUMP_TOKEN_NLL} targets:{nll_out.numel()}")
+        ttt_s = ms / 1000
+    if h.TTT_ENABLED:
+        ctx.log(f"ttt_eval_time:{ttt_s:.1f}s budget:{h.EVAL_BUDGET_SECONDS:.0f}s")
+    if dump is not None:
+        dump.save(h.DUMP_TOKEN_NLL, ctx)
     log_compiled_graphs(ctx, "evaluation")
     ctx.log(f"final_eval_time:{time.perf_counter() - t_eval0:.1f}s budget:{h.EVAL_BUDGET_SECONDS:.0f}s")
 

@@ -150,9 +150,28 @@ def run_script(tmp_path, env: dict, nproc: int = 1, timeout: int = 300) -> subpr
     return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=timeout)
 
 
+def evaluate_on_ranks(d, env: dict, ranks=(1, 2)) -> dict:
+    """One artifact (random weights, RTN) evaluated with EVAL_ARTIFACT + DUMP_TOKEN_NLL by each number of gloo
+    ranks: {nproc: (log after the logged source, NLL dump, order dump)}."""
+    import train_gpt as tg
+    h = tg.Hyperparameters(env)
+    art = d / "model.ptz"
+    tg.write_atomic(str(art), tg.pack(tg.quantize_state(random_model(h), {}, h, FakeCtx()), tg.model_config(h), {})[0])
+    out = {}
+    for nproc in ranks:
+        run = d / f"np{nproc}"
+        run.mkdir()
+        e = dict(env, EVAL_ARTIFACT=str(art), DUMP_TOKEN_NLL=str(run / "nll.npy"), RUN_ID=f"np{nproc}")
+        r = run_script(run, e, nproc=nproc, timeout=240)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        log = (run / "logs" / f"np{nproc}.txt").read_text().split("=" * 100)[-1]
+        out[nproc] = (log, np.load(run / "nll.npy"), np.load(run / "nll.order.npy"))
+    return out
+
+
 class FakeCtx:
     """Single-process stand-in for train_gpt.Context (world/rank settable) that keeps the log in a list."""
-    device, cuda, grad_accum, act_dtype = torch.device("cpu"), False, 8, torch.float32
+    device, cuda, grad_accum, act_dtype, compile = torch.device("cpu"), False, 8, torch.float32, False
 
     def __init__(self, world: int = 1, rank: int = 0, master: bool = False):
         self.world, self.rank, self.master, self.logs = world, rank, master, []

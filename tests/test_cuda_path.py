@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import FakeCtx as Ctx, HostSyncs, free_port, metric, random_model, run_script, stream, tiny_env
+from conftest import FakeCtx as Ctx, HostSyncs, doc_stream, free_port, metric, random_model, run_script, stream, tiny_env
 from conftest import tiny_hparams as hparams
 
 
@@ -54,6 +54,41 @@ def test_compiled_pipeline_needs_four_graphs_and_matches_eager(compiled_runs):
     for name in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "legal_ttt_exact"):
         assert metric(log, name) == pytest.approx(metric(eager, name), rel=1e-5), name
     assert metric(log, "legal_ttt_exact") != metric(log, "final_int6_sliding_window_exact")
+
+
+@pytest.mark.slow
+def test_compiled_lora_ttt_compiles_every_graph_in_its_warmup_and_matches_eager(sp, luts, monkeypatch):
+    """Lora TTT under torch.compile (fullgraph, dynamic=False; AOTAutograd traces forward and backward, with
+    the aot_eager backend: inductor's codegen of the same model is the pipeline test's, and would take
+    minutes here): one graph per padded row length and one for the phases' SGD step, all compiled in the
+    warm-up on random tokens, none in the timed pass, no graph break, and the score of eager. Every
+    component that threads adapters is on: a looped layer, lanes, BOS smear, sparse and skip gates, VE."""
+    from torch._dynamo.utils import counters
+    h = hparams(NUM_LOOPS=1, LOOP_START=1, LOOP_END=1, PARALLEL_START_LAYER=2, SMEAR_GATE="bos",
+                SPARSE_ATTN_GATE_ENABLED=1, SKIP_GATES_ENABLED=1, TTT_MODE="lora", TTT_CHUNK_SIZE=16,
+                TTT_EVAL_SEQ_LEN=32, TTT_BATCH_SIZE=4, TTT_LORA_RANK=4, TTT_LORA_ALPHA=8, TTT_LORA_LR=0.01,
+                PHASED_TTT_NUM_PHASES=1, PHASED_TTT_PREFIX_DOCS=4, GLOBAL_TTT_CHUNK_TOKENS=64,
+                GLOBAL_TTT_BATCH_SEQS=4)
+    assert tg.lora_row_lengths(h) == [16, 32]
+    toks, _ = doc_stream(sp, 12, seed=4)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    out = {}
+    for flag in (True, False):
+        model = random_model(h)
+        model.looping = True
+        ctx = Ctx(master=True)
+        ctx.compile = flag
+        out[flag] = tg.eval_val_ttt_lora(model, tg.compile_model(model, ctx), toks, h, ctx, luts)[:2]
+        if flag:
+            tg.log_compiled_graphs(ctx, "the pass")
+            graphs = [m for m in ctx.logs if m.startswith("compile:")]
+            assert graphs == [f"compile:graphs:3 graph_breaks:0 recompile_limit:32 after:{when}"
+                              for when in ("ttt_warmup", "the pass")], graphs
+            assert any(m.startswith("ttpr: phase:1/1") for m in ctx.logs)
+    assert out[True] == pytest.approx(out[False], rel=1e-6)
 
 
 def test_every_eval_and_ttt_call_has_one_fixed_shape(sp, luts):
@@ -158,14 +193,14 @@ def test_evaluation_reads_no_gpu_value_per_batch(sp, luts):
     toks = stream(sp, 300)
     model = random_model(h)
     with HostSyncs() as syncs:
-        tg.eval_val_sliding(model, toks, h, Ctx(), luts, torch.zeros(300))
+        tg.eval_val_sliding(model, toks, h, Ctx(), luts, tg.TokenDump(300, "cpu"))
     assert syncs.count <= 1, syncs.count
     ctx = Ctx()
     counter = HostSyncs()
     ctx.sync = counter.bump
     n_chunks = -(-300 // 64)
     with counter:
-        tg.eval_val_ttt(model, model, toks, h, ctx, luts, time.perf_counter(), torch.zeros(300))
+        tg.eval_val_ttt(model, model, toks, h, ctx, luts, time.perf_counter(), tg.TokenDump(300, "cpu"))
     assert counter.count <= 3 * n_chunks + 2, counter.count  # vs. 70 scoring batches + 16 TTT steps
 
 

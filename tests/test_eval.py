@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import FakeCtx as Ctx, doc_stream, metric, random_model, run_script, stream, tiny_env
+from conftest import FakeCtx as Ctx, doc_stream, evaluate_on_ranks, metric, random_model, stream, tiny_env
 from conftest import tiny_hparams as hparams
 
 
@@ -68,8 +68,9 @@ def test_eval_val_sliding_counts_every_target_once(sp, luts, meters, world):
     n = toks.numel() - 1
     nll = torch.zeros(n)
     for rank in range(world):
-        part = torch.zeros(n)
-        tg.eval_val_sliding(model, toks, h, Ctx(world, rank), luts, part)
+        dump = tg.TokenDump(n, "cpu")
+        tg.eval_val_sliding(model, toks, h, Ctx(world, rank), luts, dump)
+        part = dump.nll
         assert not ((part != 0) & (nll != 0)).any()  # no target scored by two ranks
         nll += part
     count = sum(m.sums[1].item() for m in meters)
@@ -85,8 +86,9 @@ def test_short_stream_nlls_equal_one_full_context_pass(sp, luts, n):
     """When the whole stream fits in one window, per-target sliding NLLs equal model(x, y) on the full prefix."""
     h = hparams(EVAL_SEQ_LEN=32, EVAL_STRIDE=8)
     model, toks = random_model(h), stream(sp, n)
-    nll = torch.zeros(n)
-    tg.eval_val_sliding(model, toks, h, Ctx(), luts, nll)
+    dump = tg.TokenDump(n, "cpu")
+    tg.eval_val_sliding(model, toks, h, Ctx(), luts, dump)
+    nll = dump.nll
     with torch.no_grad():
         direct = model(toks[None, :-1], toks[None, 1:])[0]
     torch.testing.assert_close(nll, direct, rtol=1e-6, atol=1e-6)
@@ -98,8 +100,9 @@ def test_long_stream_nlls_equal_direct_window_computation(sp, luts):
     h = hparams(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, EVAL_BATCH_SEQS=4)
     model, toks = random_model(h), stream(sp, 203)
     n, W = toks.numel() - 1, h.EVAL_SEQ_LEN
-    nll = torch.zeros(n)
-    tg.eval_val_sliding(model, toks, h, Ctx(), luts, nll)
+    dump = tg.TokenDump(n, "cpu")
+    tg.eval_val_sliding(model, toks, h, Ctx(), luts, dump)
+    nll = dump.nll
     with torch.no_grad():
         full = model(toks[None, :-1], toks[None, 1:])[0]
         torch.testing.assert_close(nll[:W], full[:W], rtol=1e-5, atol=1e-5)
@@ -121,14 +124,14 @@ def ttt_hparams(**over):
 
 
 def per_target_nll(mode, model, toks, h, luts, ctx=None):
-    nll = torch.zeros(toks.numel() - 1)
+    dump = tg.TokenDump(toks.numel() - 1, "cpu")
     model = copy.deepcopy(model)
     ctx = ctx or Ctx()
     if mode == "sliding":
-        tg.eval_val_sliding(model, toks, h, ctx, luts, nll)
+        tg.eval_val_sliding(model, toks, h, ctx, luts, dump)
     else:
-        tg.eval_val_ttt(model, model, toks, h, ctx, luts, time.perf_counter(), nll)
-    return nll
+        tg.eval_val_ttt(model, model, toks, h, ctx, luts, time.perf_counter(), dump)
+    return dump.nll
 
 
 @pytest.mark.parametrize("mode", ["sliding", "ttt"])
@@ -246,13 +249,15 @@ def test_budget_guard_stops_adaptation_but_scores_everything(sp, luts, meters, h
     t_eval0 = time.perf_counter() - (0 if how == "tiny budget" else 10_000)
     model, toks = random_model(h), stream(sp, 300)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ctx, nll = Ctx(), torch.zeros(toks.numel() - 1)
-    vl, vb = tg.eval_val_ttt(model, model, toks, h, ctx, luts, t_eval0, nll)
+    ctx, dump = Ctx(), tg.TokenDump(toks.numel() - 1, "cpu")
+    vl, vb = tg.eval_val_ttt(model, model, toks, h, ctx, luts, t_eval0, dump)
+    nll = dump.nll
     assert any(m.startswith("ttt:budget_stop chunk:1/") for m in ctx.logs), ctx.logs
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert meters[0].sums[1].item() == toks.numel() - 1 and (nll > 0).all()
-    ref = torch.zeros_like(nll)
+    ref = tg.TokenDump(nll.numel(), "cpu")
     svl, svb = tg.eval_val_sliding(model, toks, h, Ctx(), luts, ref)
+    ref = ref.nll
     torch.testing.assert_close(nll, ref, rtol=1e-6, atol=1e-6)
     assert vl == pytest.approx(svl, rel=1e-7) and vb == pytest.approx(svb, rel=1e-7)
 
@@ -266,27 +271,13 @@ def rank_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
     TTT chunks of 100 targets hold 4 sequences of 32 (the last one short), in TTT batches of 3: splits over
     2 ranks are uneven and some batches leave rank 1 with no sequence. The val stream has 6624 targets, so the
     last chunk is partial too."""
-    d = tmp_path_factory.mktemp("ranks")
     env = tiny_env(tiny_tokenizer, tiny_data, TTT_CHUNK_TOKENS=100, TTT_BATCH_SEQS=3, TTT_EPOCHS=1, TTT_LR=0.02)
-    h = tg.Hyperparameters(env)
-    entries = tg.quantize_state(random_model(h), {}, h, Ctx())
-    art = d / "model.ptz"
-    tg.write_atomic(str(art), tg.pack(entries, tg.model_config(h), {})[0])
-    out = {}
-    for nproc in (1, 2):
-        run = d / f"np{nproc}"
-        run.mkdir()
-        e = dict(env, EVAL_ARTIFACT=str(art), DUMP_TOKEN_NLL=str(run / "nll.npy"), RUN_ID=f"np{nproc}")
-        r = run_script(run, e, nproc=nproc, timeout=240)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        log = (run / "logs" / f"np{nproc}.txt").read_text().split("=" * 100)[-1]  # skip the logged source
-        out[nproc] = (log, np.load(run / "nll.npy"))
-    return out
+    return evaluate_on_ranks(tmp_path_factory.mktemp("ranks"), env)
 
 
 def test_two_ranks_match_one_rank(rank_runs):
     """Roundtrip, sliding and legal TTT results with 2 gloo ranks equal the 1-rank results."""
-    (log1, _), (log2, _) = rank_runs[1], rank_runs[2]
+    (log1, *_), (log2, *_) = rank_runs[1], rank_runs[2]
     assert "ttt:budget_stop" not in log1 + log2
     assert re.search(r"^ttt_sliding:start chunks=67 chunk_tokens=100 ", log2, re.M)
     for name, rel in (("final_int6_roundtrip", 1e-7), ("final_int6_sliding_window", 1e-7), ("legal_ttt", 1e-5)):
@@ -296,10 +287,15 @@ def test_two_ranks_match_one_rank(rank_runs):
 
 
 def test_two_rank_token_nll_dump_equals_one_rank(rank_runs):
-    """DUMP_TOKEN_NLL with EVAL_ARTIFACT on 2 ranks: one float32 entry per target, all > 0, equal to 1 rank's."""
-    (log1, a), (_, b) = rank_runs[1], rank_runs[2]
+    """DUMP_TOKEN_NLL with EVAL_ARTIFACT on 2 ranks: one float32 entry per target, all > 0, equal to 1 rank's;
+    the order dump holds the TTT chunk (of 67, of 100 targets) that scored each target, the same on both."""
+    (log1, a, order1), (_, b, order2) = rank_runs[1], rank_runs[2]
     n = int(re.search(r"^val_loader:shards .* tokens:(\d+)", log1, re.M).group(1))
     assert a.shape == b.shape == (n,) and a.dtype == b.dtype == np.float32
+    want = np.zeros(n, dtype=np.int64)
+    for _, lo, hi in tg.sliding_windows(n, 32, 8):  # a window is scored with the chunk its scored range starts in
+        want[lo:hi] = min(lo // 100, 66)
+    assert np.array_equal(order1, want) and np.array_equal(order1, order2)
     assert (a > 0).all() and (b > 0).all()
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     loss, _ = metric(log1, "legal_ttt_exact")

@@ -186,7 +186,7 @@ def test_every_gate_and_lane_adapts_in_ttt(tiny_tokenizer, sp, luts):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     from conftest import stream
     toks = stream(sp, 600)
-    state = tg.TTTState(model, h, FakeCtx())
+    state = tg.chunk_ttt_state(model, h, FakeCtx())
     model.train()
     tg.ttt_train_chunk(model, state, toks, 0, 256, h.TTT_LR, h, FakeCtx())
     after = model.state_dict()
@@ -239,7 +239,7 @@ def test_compile_warmup_warms_both_loop_graphs_and_is_undone(tiny_tokenizer, tin
     init = {k: v.clone() for k, v in model.state_dict().items()}
     modes = []
     orig = model.hidden
-    model.hidden = lambda ids: modes.append(model.looping) or orig(ids)
+    model.hidden = lambda ids, lora=None: modes.append(model.looping) or orig(ids, lora)
     loader_fn = lambda: tg.DistributedTokenLoader(f"{h.DATA_PATH}/fineweb_train_*.bin", 0, 1, "cpu", h.VOCAB_SIZE, h.SEED)
     tg.compile_warmup(model, model, loader_fn, h, ctx)
     assert modes == [False] * 16 + [True] * 16  # 2 steps x 8 micro-batches each way

@@ -233,15 +233,18 @@ CODE = b"# tiny stand-in for train_gpt.py\nprint('hi')\n" * 40
 
 def our_log(seed, loss, *, code=len(CODE), model=15_000_000, train_ms=590_123, calib_ms=598_000,
             gptq_ms=599_100, eval_s=512.3, metric="legal_ttt_exact", source=CODE, hparams=(), gpus=8,
-            gpu="NVIDIA H100 80GB HBM3", world_size=8, extra=()):
+            gpu="NVIDIA H100 80GB HBM3", world_size=8, extra=(), sliding=True, ttt=(), ttt_s=None):
     """A complete log in our format with the given outcome (few lines, same templates as the script);
-    `extra` lines go after GPTQ, where the script reports what went wrong in the run."""
+    `extra` lines go after GPTQ, where the script reports what went wrong in the run. sliding=False is
+    SLIDING_WINDOW_ENABLED=False (its hparam line, no sliding lines); `ttt` lines are the TTT pass's own, before
+    its metric, and `ttt_s` adds the ttt_eval_time line after it."""
     bpb, sw = loss * BPB_PER_NAT, loss + 0.004
     base = metric.removesuffix("_exact")
     lines = [source.decode(), RULE, "Running Python 3.11.7", "Running PyTorch 2.9.1+cu128",
              *[f"|   {i}  {gpu}          On  |   00000000:{18 + i}:00.0 Off |" for i in range(gpus)], RULE,
-             f"hparam:RUN_ID=rec_seed{seed}", f"hparam:SEED={seed}", f"hparam:TTT_ENABLED={metric == 'legal_ttt_exact'}",
-             *hparams,
+             f"hparam:RUN_ID=rec_seed{seed}", f"hparam:SEED={seed}",
+             f"hparam:TTT_ENABLED={metric in tool.SCORE_FIRST_TTT}",
+             *hparams, *["hparam:SLIDING_WINDOW_ENABLED=False"] * (not sliding),
              "attention_backend:fa3", f"world_size:{world_size} grad_accum_steps:1", f"seed:{seed}",
              "gptq:reserving 10000ms from training budget, effective=590000ms",
              "step:0/20000 val_loss:6.9310 val_bpb:4.1049 train_time:0ms step_avg:0.01ms",
@@ -257,19 +260,39 @@ def our_log(seed, loss, *, code=len(CODE), model=15_000_000, train_ms=590_123, c
              f"Total submission size int6+pergroup: {model + code} bytes",
              "final_int6_roundtrip val_loss:1.9200 val_bpb:1.1371 eval_time:7000ms",
              "final_int6_roundtrip_exact val_loss:1.92000000 val_bpb:1.13712000",
-             f"final_int6_sliding_window val_loss:{sw:.4f} val_bpb:{sw * BPB_PER_NAT:.4f} stride:64 eval_time:80000ms",
-             f"final_int6_sliding_window_exact val_loss:{sw:.8f} val_bpb:{sw * BPB_PER_NAT:.8f}",
-             f"{base} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:400000ms",
-             f"{metric} val_loss:{loss:.8f} val_bpb:{bpb:.8f}", f"final_eval_time:{eval_s:.1f}s budget:600s"]
+             *[f"final_int6_sliding_window val_loss:{sw:.4f} val_bpb:{sw * BPB_PER_NAT:.4f} stride:64 eval_time:80000ms",
+               f"final_int6_sliding_window_exact val_loss:{sw:.8f} val_bpb:{sw * BPB_PER_NAT:.8f}"] * sliding,
+             *ttt, f"{base} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:400000ms",
+             f"{metric} val_loss:{loss:.8f} val_bpb:{bpb:.8f}",
+             *([] if ttt_s is None else [f"ttt_eval_time:{ttt_s:.1f}s budget:600s"]),
+             f"final_eval_time:{eval_s:.1f}s budget:600s"]
     return "\n".join(lines) + "\n"
 
 
-def make_logs(tmp, name, losses, seeds=(1337, 42, 2025), **kw):
+# TTT_MODE=lora (the sp8192 preset): no sliding pass; per-document LoRA TTT with 3 global SGD pauses, its own
+# progress lines, and quantized_ttt_phased as the score-first metric, timed from "beginning TTT eval timer".
+LORA_TTT = ["beginning TTT eval timer",
+            "ttt_phased: total_docs:50000 prefix_docs:2496 suffix_docs:47504 num_phases:3 "
+            "boundaries:[832, 1664, 2496] batches:782",
+            "ttp: b1/782 rl:2.3012 rb:1.0678 (this rank's) gd:0 t:10.2s",
+            *[x for p, t in ((1, 40.1), (2, 95.0), (3, 150.4))
+              for x in (f"ttpp: phase:{p}/3 gd:{832 * p} t:{t}s", f"ttpr: phase:{p}/3 t:{t + 25.2:.1f}s")],
+            "ttp: b500/782 rl:2.2801 rb:1.0598 (this rank's) gd:3 t:300.0s"]
+LORA_STOP = "ttt:budget_stop batch:641/782 elapsed:480.2s projected:612.9s budget:600s"
+
+
+def lora_log(seed, loss, *, hparams=(), ttt=LORA_TTT, ttt_s=401.5, sliding=False, **kw):
+    """our_log of a TTT_MODE=lora run (SLIDING_WINDOW_ENABLED=False unless sliding)."""
+    return our_log(seed, loss, metric="quantized_ttt_phased_exact", hparams=["hparam:TTT_MODE=lora", *hparams],
+                   ttt=ttt, ttt_s=ttt_s, sliding=sliding, **kw)
+
+
+def make_logs(tmp, name, losses, seeds=(1337, 42, 2025), make=None, **kw):
     d = tmp / name
     d.mkdir()
     paths = []
     for seed, loss in zip(seeds, losses):
-        (p := d / f"run_{seed}.txt").write_text(our_log(seed, loss, **kw))
+        (p := d / f"run_{seed}.txt").write_text((make or our_log)(seed, loss, **kw))
         paths.append(str(p))
     return paths
 
@@ -647,6 +670,146 @@ def test_new_refuses_logs_whose_bytes_do_not_match_the_script(project):
                                                                                           "do not match")
 
 
+# ------------------------------------------------------------------ TTT_MODE=lora, SLIDING_WINDOW_ENABLED
+def without(text, *prefixes):
+    """The log without the lines that start with any of the prefixes."""
+    return "".join(x for x in text.splitlines(keepends=True) if not x.startswith(prefixes))
+
+
+def test_parse_lora_mode_log():
+    """TTT_MODE=lora, SLIDING_WINDOW_ENABLED=False: whole without a sliding line; quantized_ttt_phased_exact is
+    the claimed score-first metric; its pass's lines land in "ttt"; its eval time is ttt_eval_time (the records'
+    reading, from the first scored token)."""
+    r = tool.parse_log(lora_log(42, 1.88))
+    assert (r["status"], r["problems"], r["unparsed"], r["unknown_metrics"]) == ("complete", [], [], [])
+    assert r["hparams"]["TTT_MODE"] == "lora" and r["hparams"]["SLIDING_WINDOW_ENABLED"] is False
+    assert r["legal_metric"] == {"name": "quantized_ttt_phased_exact", "val_loss": 1.88,
+                                 "val_bpb": pytest.approx(1.88 * BPB_PER_NAT, abs=1e-8)}
+    assert "final_int6_sliding_window_exact" not in r["final"] and "legal_ttt_exact" not in r["final"]
+    assert r["final"]["quantized_ttt_phased"]["eval_time_ms"] == 400000
+    ttt = r["ttt"]
+    assert ttt["timer_started"] and ttt["chunks"] == [] and "budget_stop" not in ttt
+    assert ttt["phased"] == {"total_docs": 50000, "prefix_docs": 2496, "suffix_docs": 47504, "num_phases": 3,
+                             "boundaries": [832, 1664, 2496], "batches": 782}
+    assert ttt["pauses"][0] == {"phase": 1, "of": 3, "gd": 832, "start_s": 40.1, "end_s": 65.3, "pause_s": 25.2}
+    assert [(p["phase"], p["gd"], p["pause_s"]) for p in ttt["pauses"]] == [(1, 832, 25.2), (2, 1664, 25.2),
+                                                                           (3, 2496, 25.2)]
+    assert ttt["batches"] == [{"batch": 1, "of": 782, "rl": 2.3012, "rb": 1.0678, "gd": 0, "t_s": 10.2},
+                              {"batch": 500, "of": 782, "rl": 2.2801, "rb": 1.0598, "gd": 3, "t_s": 300.0}]
+    assert (r["ttt_eval_time_s"], r["eval_time_s"], r["final_eval_time_s"]) == (401.5, 401.5, 512.3)
+    assert r["eval_time_source"] == "ttt_eval_time, from the first scored token"
+    assert tool.parse_log(our_log(42, 1.88, ttt_s=380.0))["eval_time_source"] == "final_eval_time"  # chunk mode
+    # the NLL dump's line, with its order file (train_gpt.py now) or without (before), is parsed, never config
+    dump = "dump_token_nll:/runs/nll.npy order:/runs/nll.order.npy targets:62021632\n"
+    r = tool.parse_log(lora_log(42, 1.88).replace("final_eval_time", dump + "final_eval_time"))
+    assert r["dump"] == {"nll": "/runs/nll.npy", "order": "/runs/nll.order.npy", "targets": 62021632}
+    assert r["status"] == "complete" and r["unparsed"] == []
+    old_line = "dump_token_nll:x.npy targets:5\n"
+    r = tool.parse_log(eval_only_log(42, 1.88).replace("final_eval_time", old_line + "final_eval_time"))
+    assert r["dump"] == {"nll": "x.npy", "order": None, "targets": 5} and "targets" not in r["config"]
+    assert tool.parse_log(our_log(42, 1.88))["dump"] is None
+
+
+def test_new_packages_a_lora_record_and_check_passes(project, capsys):
+    rc, folder = new_record(project, [x - 0.012 for x in PR549], make=lora_log)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert lines(out, "WARN") == [] and lines(out, "FAIL") == []
+    assert "PASS  final metric used: quantized_ttt_phased_exact" in out
+    assert ("PASS  seed 42: evaluation 401.5 s <= 600 s [ttt_eval_time, from the first scored token] "
+            "(TTT pass 401.5 s [ttt_eval_time])" in out)
+    assert ("PASS  seed 42: everything from reading the artifact 512.3 s <= 600 s [final_eval_time; the records' "
+            "timer leaves it out]" in out)
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["metric"] == "quantized_ttt_phased_exact" and sub["compliance"]["score_first_ttt"] is True
+    assert sub["seed_results"]["42"]["eval_time_s"] == 401.5 and sub["seed_results"]["42"]["ttt_eval_time_s"] == 401.5
+    bpb = f"{(PR549[1] - 0.012) * BPB_PER_NAT:.8f}"
+    assert f"| 42 | 6,800 | 86.78 | 590.1 | – | {bpb} | **{bpb}** |" in (folder / "README.md").read_text()
+    # seeds of both modes claim different metrics: refused
+    logs = make_logs(project, "mixed_a", [1.88], seeds=(1,)) + make_logs(project, "mixed_b", [1.88], seeds=(2,),
+                                                                         make=lora_log)
+    msg = refuse(project, logs, "seeds disagree on the final metric")
+    assert "run_1.txt: legal_ttt_exact, run_2.txt: quantized_ttt_phased_exact" in msg
+
+
+def test_lora_log_without_its_metric_is_missing_it(project):
+    full = lora_log(9, 1.88)
+    r = tool.parse_log(without(full, "quantized_ttt_phased_exact"))
+    assert r["status"] == "truncated" and r["problems"] == [
+        "quantized_ttt_phased has no quantized_ttt_phased_exact line", "no quantized_ttt_phased_exact line"]
+    assert r["legal_metric"]["name"] == "final_int6_roundtrip_exact"  # never a rounded or missing metric
+    # no TTT metric line at all: TTT_ENABLED with TTT_MODE=lora promised it (legal_ttt_exact is not asked for)
+    r = tool.parse_log(without(full, "quantized_ttt_phased"))
+    assert r["problems"] == ["no quantized_ttt_phased_exact line"]
+    r = tool.parse_log(without(full, "quantized_ttt_phased", "beginning TTT", "ttt_phased", "ttp"))  # hparams alone
+    assert r["ttt"] == {"chunks": []} and r["problems"] == ["no quantized_ttt_phased_exact line"]
+    # a lineage log (no hparams) whose phased TTT pass began must end with its metric too
+    lineage = (FIX / "lineage_sliding.log").read_text() + "\n".join(LORA_TTT[:3]) + "\n"
+    assert tool.parse_log(lineage)["problems"] == ["no quantized_ttt_phased_exact line"]
+    cut = {"no_metric.txt": without(full, "quantized_ttt_phased_exact"),
+           "mid_metric.txt": full.rsplit("quantized_ttt_phased_exact", 1)[0]}
+    for name, text in cut.items():
+        (project / name).write_text(text)
+    msg = refuse(project, [str(project / n) for n in cut], "incomplete runs")
+    assert "no_metric.txt: truncated (quantized_ttt_phased has no quantized_ttt_phased_exact line; " \
+           "no quantized_ttt_phased_exact line)" in msg
+    assert "mid_metric.txt: truncated (quantized_ttt_phased has no quantized_ttt_phased_exact line; " \
+           "no quantized_ttt_phased_exact line; no final_eval_time line)" in msg
+
+
+@pytest.mark.parametrize("make,stop,parsed,warning", [
+    (lora_log, LORA_STOP, {"batch": 641, "of": 782, "elapsed_s": 480.2, "projected_s": 612.9, "budget_s": 600},
+     "TTT stopped early at batch 641/782 to stay in budget"),
+    (our_log, "ttt:budget_stop chunk:3/1893 elapsed:560.1s projected:601.3s budget:600s",  # chunk mode, as before
+     {"chunk": 3, "of": 1893, "elapsed_s": 560.1, "projected_s": 601.3, "budget_s": 600},
+     "TTT stopped early at chunk 3/1893 to stay in budget"),
+])
+def test_check_warns_on_a_ttt_budget_stop(project, capsys, make, stop, parsed, warning):
+    rc, folder = new_record(project, [x - 0.012 for x in PR549], make=make,
+                            ttt=[*(LORA_TTT if make is lora_log else ()), stop])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert lines(out, "WARN") == [f"WARN  seed {s}: {warning}" for s in (1337, 2025, 42)]
+    r = tool.parse_log((folder / "train_seed42.log").read_text())
+    assert r["ttt"]["budget_stop"] == parsed and r["status"] == "complete" and r["unparsed"] == []
+
+
+def test_required_metrics_follow_the_hparams():
+    """Sliding is required unless SLIDING_WINDOW_ENABLED=False; the TTT metric is TTT_MODE's. A log without
+    those hparams (before they existed) is chunk mode with sliding on."""
+    full = our_log(9, 1.88)
+    assert "SLIDING_WINDOW_ENABLED" not in full and "TTT_MODE" not in full
+    r = tool.parse_log(without(full, "final_int6_sliding_window"))
+    assert r["status"] == "truncated" and r["problems"] == ["no final_int6_sliding_window_exact line"]
+    chunk_on = our_log(9, 1.88, hparams=["hparam:TTT_MODE=chunk", "hparam:SLIDING_WINDOW_ENABLED=True"])
+    assert tool.parse_log(without(chunk_on, "final_int6_sliding_window"))["problems"] == [
+        "no final_int6_sliding_window_exact line"]
+    r = tool.parse_log(our_log(9, 1.88, hparams=["hparam:TTT_MODE=chunk"], sliding=False))
+    assert (r["status"], r["legal_metric"]["name"]) == ("complete", "legal_ttt_exact")
+    r = tool.parse_log(lora_log(9, 1.88, sliding=True))  # lora mode, no SLIDING_WINDOW_ENABLED line: sliding on
+    assert tool.required_metrics(r) == [
+        "final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "quantized_ttt_phased_exact"]
+    assert r["status"] == "complete" and r["legal_metric"]["name"] == "quantized_ttt_phased_exact"
+    assert tool.parse_log(without(lora_log(9, 1.88, sliding=True), "final_int6_sliding_window"))["problems"] == [
+        "no final_int6_sliding_window_exact line"]
+    r = tool.parse_log(our_log(9, 1.88, hparams=["hparam:TTT_MODE=sgd"]))
+    assert r["problems"] == ["TTT_MODE=sgd: not a mode this tool knows (chunk, lora)"]
+
+
+def test_compare_shows_the_phased_ttt_metric(tmp_path):
+    (tmp_path / "chunk.txt").write_text(our_log(1, 1.88, ttt_s=380.0))
+    (tmp_path / "lora.txt").write_text(lora_log(1, 1.87))
+    runs = [r for p in ("chunk.txt", "lora.txt") for r in tool.load_runs(tmp_path / p)]
+    md = tool.compare_table(runs, markdown=True).splitlines()
+    rows = {cells[0]: cells[1:] for line in md[2:] if line.startswith("| ")
+            for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
+    assert md[0] == "| metric | chunk | lora | Δ |"
+    assert rows["legal TTT bpb"] == [f"{1.88 * BPB_PER_NAT:.8f}", "–", ""]
+    assert rows["phased TTT bpb"] == ["–", f"{1.87 * BPB_PER_NAT:.8f}", ""]
+    assert rows["sliding bpb"][1] == "–" and rows["metric"] == ["legal_ttt_exact", "quantized_ttt_phased_exact", ""]
+    assert rows["TTT eval time s"] == ["380.0", "401.5", "+21.5"] and rows["eval time s"] == ["512.3", "401.5", "-110.8"]
+
+
 # -------------------------------------------------------------------------------- compare
 def test_compare_table_and_plots(project, tmp_path, capsys):
     runs = [str(FIX / "ours_complete.txt"), str(FIX / "lineage_sliding.log")]
@@ -669,3 +832,17 @@ def test_compare_table_and_plots(project, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
         import matplotlib.image
         assert matplotlib.image.imread(png).shape[:2] == (500, 800)
+
+
+def test_lora_eval_budget_is_the_ttt_timer_and_the_whole_evaluation_warns(project, capsys):
+    """A lora run whose TTT pass fits but whose load + compile warm-up + TTT exceed 600 s: PASS on the
+    records' timer, WARN on final_eval_time; a TTT pass over 600 s FAILs."""
+    rc, _ = new_record(project, [x - 0.012 for x in PR549], name="Slow Warmup", make=lora_log, eval_s=655.0)
+    out = capsys.readouterr().out
+    assert rc == 0 and lines(out, "FAIL") == [], out
+    warns = [x for x in lines(out, "WARN") if "everything from reading the artifact 655.0 s <= 600 s" in x]
+    assert len(warns) == 3, out
+    rc, _ = new_record(project, [x - 0.012 for x in PR549], name="Slow TTT", make=lora_log, ttt_s=601.0,
+                       eval_s=700.0)
+    out = capsys.readouterr().out
+    assert rc != 0 and len([x for x in lines(out, "FAIL") if "evaluation 601.0 s <= 600 s" in x]) == 3, out

@@ -92,7 +92,7 @@ def main():
     rows += [("sliding eval (windows/s)", f"{n_win / sl_s:,.0f}"),
              ("full-val sliding on 8 GPUs (s)", f"{total_win / (n_win / sl_s) / 8:.1f}")]
     # one TTT chunk: score its windows, then TTT_EPOCHS of training on it
-    state = tg.TTTState(model, h, ctx)
+    state = tg.chunk_ttt_state(model, h, ctx)
     C = h.TTT_CHUNK_TOKENS
     chunk = torch.randint(0, V, (C + W + 1,), device=ctx.device)
     wins = tg.sliding_windows(C, W, h.EVAL_STRIDE)
