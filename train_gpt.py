@@ -2171,7 +2171,7 @@ class TTTState:
     shape: one compiled graph). Frozen blocks are left out of the optimizer, and their rows in the shared
     banks get zero gradient (so neither SGD nor AdamW, both without weight decay, moves them)."""
 
-    def __init__(self, model: GPT, ctx, optimizer: str, lr: float, momentum: float, clip: float, rows: int,
+    def __init__(self, model: GPT, optimizer: str, lr: float, momentum: float, clip: float, rows: int,
                  freeze: int = 0):
         n = len(model.blocks)
         frozen = [p for block in model.blocks[:freeze] for p in block.parameters()]
@@ -2240,7 +2240,7 @@ def ttt_train_chunk(model_fn, state: TTTState, val_tokens: Tensor, lo: int, hi: 
 def chunk_ttt_state(model: GPT, h: Hyperparameters, ctx) -> TTTState:
     # rows per rank of each fixed-shape step: a global batch is at most one chunk's sequences
     rows = ceil_div(min(h.TTT_BATCH_SEQS, ceil_div(h.TTT_CHUNK_TOKENS, h.TRAIN_SEQ_LEN)), ctx.world)
-    return TTTState(model, ctx, h.TTT_OPTIMIZER, h.TTT_LR, h.TTT_MOMENTUM, h.TTT_GRAD_CLIP, rows,
+    return TTTState(model, h.TTT_OPTIMIZER, h.TTT_LR, h.TTT_MOMENTUM, h.TTT_GRAD_CLIP, rows,
                     h.TTT_FREEZE_BLOCKS)
 
 
@@ -2310,9 +2310,9 @@ LORA_ADAM_EPS = 1e-10  # #1855's
 def lora_row_lengths(h: Hyperparameters) -> list[int]:
     """Lora TTT's padded row lengths, one compiled graph each: TTT_CHUNK_SIZE doubling, then the context."""
     out = [h.TTT_CHUNK_SIZE]
-    while out[-1] * 2 < h.TTT_EVAL_SEQ_LEN:
-        out.append(out[-1] * 2)
-    return out + [h.TTT_EVAL_SEQ_LEN] * (out[-1] < h.TTT_EVAL_SEQ_LEN)
+    while out[-1] < h.TTT_EVAL_SEQ_LEN:
+        out.append(min(2 * out[-1], h.TTT_EVAL_SEQ_LEN))
+    return out
 
 
 def row_length(lengths: list[int], n: int) -> int:
@@ -2356,8 +2356,7 @@ class DocPlan:
         rows = [row_length(lengths, min((c + 1) * C, h.TTT_EVAL_SEQ_LEN)) for c in range(top.max())]
         self.cost = R * np.cumsum(rows)[top - 1].astype(np.float64)
         L = h.TTT_EVAL_SEQ_LEN
-        self.pause_cost = [len(doc_pieces(self.docs[:e * R], L)) * L * h.GLOBAL_TTT_EPOCHS
-                           for e in self.ends]
+        self.pause_cost = [len(doc_pieces(self.scored(e), L)) * L * h.GLOBAL_TTT_EPOCHS for e in self.ends]
 
     def rank_batches(self, lo: int, hi: int, world: int, rank: int) -> list[int]:
         """This rank's share of batches [lo, hi): each batch in turn, longest first, goes to the rank with the
@@ -2377,8 +2376,12 @@ class DocPlan:
     def batch(self, q: int) -> np.ndarray:
         return self.docs[q * self.R:(q + 1) * self.R]
 
+    def scored(self, e: int) -> np.ndarray:
+        """The documents of batches [0, e): what the pause after batch e - 1 trains on."""
+        return self.docs[:e * self.R]
+
     def describe(self) -> str:
-        n, b = len(self.docs), [min(e * self.R, len(self.docs)) for e in self.ends]
+        n, b = len(self.docs), [len(self.scored(e)) for e in self.ends]
         prefix = b[-1] if b else 0
         return (f"ttt_phased: total_docs:{n} prefix_docs:{prefix} suffix_docs:{n - prefix} "
                 f"num_phases:{len(b)} boundaries:{b} batches:{self.n_batches}")
@@ -2471,8 +2474,8 @@ class LoraTTT:
         starts = np.cumsum(pieces[:, 1]) - pieces[:, 1]
         _, chunk_of = np.unique(starts // h.GLOBAL_TTT_CHUNK_TOKENS, return_inverse=True)
         n = chunk_of.max() + 1
-        state = TTTState(self.model, self.ctx, "sgd", h.GLOBAL_TTT_LR, h.GLOBAL_TTT_MOMENTUM,
-                         h.GLOBAL_TTT_GRAD_CLIP, self.pause_rows)
+        state = TTTState(self.model, "sgd", h.GLOBAL_TTT_LR, h.GLOBAL_TTT_MOMENTUM, h.GLOBAL_TTT_GRAD_CLIP,
+                         self.pause_rows)
         requires_grad(self.model, True)
         for k in range(n):
             for g in state.opt.param_groups:
@@ -2495,7 +2498,7 @@ class LoraBudget:
         self.total, self.done = total, 0.0
         self.h, self.ctx = h, ctx
         self.t0, self.n_batches = t0, n_batches
-        self.adapting = True
+        self.adapting, self.all_stopped = True, False
         self.stop = (math.inf, 0.0, 0.0)  # (batch, elapsed, projected) of this rank's stop
 
     def keeps_adapting(self, q: int) -> bool:
@@ -2506,15 +2509,15 @@ class LoraBudget:
         return self.adapting
 
     def agreed(self) -> bool:
-        """Whether every rank still adapts (a collective); if not, none does from here, and the first stop
-        is logged once."""
-        if self.ctx.any(not self.adapting) and self.stop[1] >= 0:
+        """Whether every rank still adapts (a collective until one has stopped); once one has, none does, and
+        the first stop is logged."""
+        if not self.all_stopped and self.ctx.any(not self.adapting):
             q, elapsed = -self.ctx.max_across(-self.stop[0]), self.ctx.max_across(self.stop[1])
             projected = self.ctx.max_across(self.stop[2])
             self.ctx.log(f"ttt:budget_stop batch:{int(q) + 1}/{self.n_batches} elapsed:{elapsed:.1f}s "
                          f"projected:{projected:.1f}s budget:{self.h.EVAL_BUDGET_SECONDS:.0f}s")
-            self.adapting, self.stop = False, (math.inf, -1.0, 0.0)
-        return self.adapting
+            self.adapting, self.all_stopped = False, True
+        return not self.all_stopped
 
 
 def eval_val_ttt_lora(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, dump=None):
@@ -2535,10 +2538,9 @@ def eval_val_ttt_lora(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, du
     guard, progress = LoraBudget(total, plan.n_batches, h, ctx, t0), Progress()
     for p, batches in enumerate(mine):
         if p and guard.agreed():
-            lo = plan.ends[p - 1] * h.TTT_BATCH_SIZE
-            ctx.log(f"ttpp: phase:{p}/{len(plan.ends)} gd:{min(lo, len(plan.docs))} "
-                    f"t:{time.perf_counter() - t0:.1f}s")
-            run.pause(plan.docs[:lo])
+            docs = plan.scored(plan.ends[p - 1])
+            ctx.log(f"ttpp: phase:{p}/{len(plan.ends)} gd:{len(docs)} t:{time.perf_counter() - t0:.1f}s")
+            run.pause(docs)
             guard.done += plan.pause_cost[p - 1] / ctx.world
             ctx.log(f"ttpr: phase:{p}/{len(plan.ends)} t:{time.perf_counter() - t0:.1f}s")
         for k, q in enumerate(batches):
@@ -2546,7 +2548,7 @@ def eval_val_ttt_lora(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, du
             train = guard.keeps_adapting(q)
             run.score_batch(plan.batch(q), int(plan.first_step[q]), train, keep_a, h.SEED + 1 + q)
             guard.done += plan.cost[q]
-            if progress.due():
+            if ctx.master and progress.due():  # rank 0's running numbers (the others' would be discarded)
                 rl, rb = run.meter.result(reduce=False)
                 ctx.log(f"ttp: b{q + 1}/{plan.n_batches} rl:{rl:.4f} rb:{rb:.4f} (this rank's) gd:{p} "
                         f"t:{time.perf_counter() - t0:.1f}s")
@@ -2689,8 +2691,8 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
         last = None if h.TTT_ENABLED else dump
         (vl, vb), ms = timed(eval_val_sliding, model_fn, val_tokens, h, ctx, luts, last)
         log_metric(ctx, "final_int6_sliding_window", vl, vb, f" stride:{h.EVAL_STRIDE} eval_time:{ms:.0f}ms")
-    if h.TTT_ENABLED and h.TTT_MODE == "lora":
-        (vl, vb, ttt_s), ms = timed(eval_val_ttt_lora, model, model_fn, val_tokens, h, ctx, luts, dump)
+    if h.TTT_ENABLED and h.TTT_MODE == "lora":  # timed from its first scored token, after its warm-up
+        vl, vb, ttt_s = eval_val_ttt_lora(model, model_fn, val_tokens, h, ctx, luts, dump)
         log_metric(ctx, "quantized_ttt_phased", vl, vb, f" eval_time:{1000 * ttt_s:.0f}ms")
     elif h.TTT_ENABLED:
         (vl, vb), ms = timed(eval_val_ttt, model, model_fn, val_tokens, h, ctx, luts, t_eval0, dump)

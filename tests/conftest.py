@@ -150,6 +150,21 @@ def run_script(tmp_path, env: dict, nproc: int = 1, timeout: int = 300) -> subpr
     return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture
+def meters(monkeypatch):
+    """Every BpbMeter the evaluation creates, to read its exact float64 sums (nll, count, bytes)."""
+    import train_gpt as tg
+    made = []
+
+    class Recording(tg.BpbMeter):
+        def __init__(self, device):
+            super().__init__(device)
+            made.append(self)
+
+    monkeypatch.setattr(tg, "BpbMeter", Recording)
+    return made
+
+
 def evaluate_on_ranks(d, env: dict, ranks=(1, 2)) -> dict:
     """One artifact (random weights, RTN) evaluated with EVAL_ARTIFACT + DUMP_TOKEN_NLL by each number of gloo
     ranks: {nproc: (log after the logged source, NLL dump, order dump)}."""

@@ -13,20 +13,6 @@ from conftest import FakeCtx as Ctx, doc_stream, evaluate_on_ranks, metric, rand
 from conftest import tiny_hparams as hparams
 
 
-@pytest.fixture
-def meters(monkeypatch):
-    """Every BpbMeter the evaluation creates, to read its exact float64 sums (nll, count, bytes)."""
-    made = []
-
-    class Recording(tg.BpbMeter):
-        def __init__(self, device):
-            super().__init__(device)
-            made.append(self)
-
-    monkeypatch.setattr(tg, "BpbMeter", Recording)
-    return made
-
-
 # ---------------------------------------------------------------- window geometry
 
 CASES = [(n, w, s) for w, s in ((32, 8), (32, 5), (32, 32), (16, 3), (8, 1)) for n in (1, w - 1, w, w + 1, 3 * w, 1001)]

@@ -373,17 +373,9 @@ def test_pause_placement_changes_scores_from_the_next_batch_on(corpus, lora_run,
     assert any(not torch.equal(trained[k], v) for k, v in base_model.state_dict().items())
 
 
-def test_budget_stop_scores_everything_with_the_plain_model(corpus, lora_run, base_model, luts, monkeypatch):
+def test_budget_stop_scores_everything_with_the_plain_model(corpus, lora_run, base_model, luts, meters):
     """EVAL_BUDGET_SECONDS tiny: ttt:budget_stop at batch 1, no pause, the weights unchanged, every target
     scored once, and the scores those of TTT_LORA_LR=0 without pauses."""
-    made = []
-
-    class Meter(tg.BpbMeter):
-        def __init__(self, device):
-            super().__init__(device)
-            made.append(self)
-
-    monkeypatch.setattr(tg, "BpbMeter", Meter)
     toks, _ = corpus
     h, ctx, model = lora_h(EVAL_BUDGET_SECONDS=1e-6), Ctx(), copy.deepcopy(base_model)
     dump = tg.TokenDump(toks.numel() - 1, "cpu")
@@ -392,7 +384,7 @@ def test_budget_stop_scores_everything_with_the_plain_model(corpus, lora_run, ba
     assert not any(m.startswith("ttpp:") for m in ctx.logs)
     for k, v in base_model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
-    assert made[0].sums[1].item() == toks.numel() - 1 and (dump.nll > 0).all()
+    assert meters[0].sums[1].item() == toks.numel() - 1 and (dump.nll > 0).all()
     ref = lora_run(toks, PHASED_TTT_NUM_PHASES=0, TTT_LORA_LR=0.0)
     torch.testing.assert_close(dump.nll, ref.nll, rtol=0, atol=1e-6)
     assert vl == pytest.approx(ref.vl, rel=1e-7) and vb == pytest.approx(ref.vb, rel=1e-7)

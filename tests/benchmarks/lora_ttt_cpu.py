@@ -204,14 +204,6 @@ def table(rows: list[dict]) -> list[str]:
 # Part 2: FLOPs of TTT_MODE=lora, as train_gpt.py schedules it, and the projected 8xH100 time
 # ---------------------------------------------------------------------------------------------------------
 
-def row_lengths(chunk: int, context: int) -> list[int]:
-    """train_gpt.lora_row_lengths: the chunk doubling, then the context (48, 96, ..., 1536, 2048)."""
-    out = [chunk]
-    while out[-1] * 2 < context:
-        out.append(out[-1] * 2)
-    return out + [context] * (out[-1] < context)
-
-
 def per_token_flops(d: int, heads: int, kv_heads: int, mlp_mult: float, passes: int, vocab: int,
                     rank: int, sites=("q", "k", "v", "o", "mlp")) -> tuple[float, float]:
     """Forward FLOPs per token (2 per multiply-add) of the dense matrices (17 layer passes + tied head) and
@@ -230,13 +222,18 @@ def attn_flops(T: int, d: int, passes: int) -> float:
     return passes * 2.0 * T * T * d
 
 
-def doc_plan(lengths: np.ndarray, batch: int, phases: int, prefix_docs: int) -> tuple[np.ndarray, list[int]]:
-    """train_gpt.DocPlan: documents longest first in batches; the pauses' batch boundaries."""
-    docs = np.sort(np.asarray(lengths))[::-1]
-    n_batches = -(-len(docs) // batch)
-    prefix = min(prefix_docs, len(docs))
-    ends = {-(-(prefix * (p + 1) // phases) // batch) for p in range(phases)} if phases else set()
-    return docs, sorted(e for e in ends if 0 < e < n_batches)
+def doc_plan(lengths, *, context: int, chunk: int, batch: int, phases: int, prefix_docs: int,
+             global_epochs: int):
+    """train_gpt.py's own DocPlan (longest first, batches, pauses, the ranks' shares) and row lengths for
+    documents of these lengths, laid end to end."""
+    sys.path.insert(0, str(ROOT))
+    import train_gpt as tg
+    h = tg.Hyperparameters({k: str(v) for k, v in dict(
+        TTT_EVAL_SEQ_LEN=context, TTT_CHUNK_SIZE=chunk, TTT_BATCH_SIZE=batch, PHASED_TTT_NUM_PHASES=phases,
+        PHASED_TTT_PREFIX_DOCS=prefix_docs, GLOBAL_TTT_EPOCHS=global_epochs, RUN_ID="projection").items()})
+    L = np.asarray(lengths, dtype=np.int64)
+    lengths_ = tg.lora_row_lengths(h)
+    return tg, tg.DocPlan(np.stack([np.cumsum(L) - L, L], axis=1), h, lengths_), lengths_
 
 
 def lora_ttt_cost(lengths, *, d: int, heads: int, kv_heads: int, mlp_mult: float, passes: int, vocab: int,
@@ -250,42 +247,35 @@ def lora_ttt_cost(lengths, *, d: int, heads: int, kv_heads: int, mlp_mult: float
     next lora row length, forward, then (all but the batch's last chunk) backward. The backward is counted as
     bwd_mult x the dense forward (1: activation gradients only, the base weights take no gradient; 2: as if
     they did, the usual "3x forward"), 2x the adapters' forward (their input and weight gradients) and 2x
-    the attention forward. Within each phase, batches go longest first to the rank with the least work so
-    far (DocPlan.rank_batches), and ranks meet only at the pauses: `critical` is the sum over phases of the
-    busiest rank's work; max(total / world, longest_batch) is the time with perfect balance.
+    the attention forward. The plan is train_gpt.DocPlan's: within each phase its rank_batches share the
+    batches out, and ranks meet only at the pauses: `critical` is the sum over phases of the busiest rank's
+    work; max(total / world, longest_batch) is the time with perfect balance.
     Pauses: SGD on every document scored so far (cut into rows of <= context targets of one document), in
     global batches of global_batch_seqs rows padded to the context (each rank: ceil(seqs / world) rows),
     forward + backward with weight gradients (3x forward), per cosine chunk of global_chunk_tokens targets."""
     dense, lora = per_token_flops(d, heads, kv_heads, mlp_mult, passes, vocab, rank)
-    Ls = row_lengths(chunk, context)
-    docs, ends = doc_plan(lengths, batch, phases, prefix_docs)
-    n_batches = -(-len(docs) // batch)
+    tg, plan, Ls = doc_plan(lengths, context=context, chunk=chunk, batch=batch, phases=phases,
+                            prefix_docs=prefix_docs, global_epochs=global_epochs)
+    docs, ends, n_batches = plan.docs[:, 1], plan.ends, plan.n_batches
     # the cost of a batch whose longest document has n chunks, for every n: cumulative over chunks
     n_max = -(-int(docs[0]) // chunk)
-    T = np.array([next(L for L in Ls if L >= min((c + 1) * chunk, context)) for c in range(n_max)], dtype=float)
+    T = np.array([tg.row_length(Ls, min((c + 1) * chunk, context)) for c in range(n_max)], dtype=float)
     fwd = T * (dense + lora) + np.array([attn_flops(int(t), d, passes) for t in T])
     bwd = T * (bwd_mult * dense + 2 * lora) + 2 * np.array([attn_flops(int(t), d, passes) for t in T])
     cum = np.cumsum(fwd + bwd)
     chunks = -(-docs[::batch] // chunk)  # per batch: its first document is its longest
     batch_flops = batch * (cum[chunks - 1] - bwd[chunks - 1])  # the last chunk is scored, not trained on
-    bounds = [0] + ends + [n_batches]
     critical, steps = 0.0, 0  # the busiest rank's FLOPs and scoring steps (forward, backward, Adam)
-    for lo, hi in zip(bounds, bounds[1:]):
-        load, n = np.zeros(world), np.zeros(world, dtype=np.int64)
-        for q in range(lo, hi):
-            r = int(np.argmin(load))
-            load[r] += batch_flops[q]
-            n[r] += chunks[q]
-        critical, steps = critical + load.max(), steps + int(n[np.argmax(load)])
+    for lo, hi in plan.segments():
+        shares = [plan.rank_batches(lo, hi, world, r) for r in range(world)]
+        busiest = max(shares, key=lambda qs: batch_flops[qs].sum())
+        critical, steps = critical + batch_flops[busiest].sum(), steps + int(chunks[busiest].sum())
     # pauses
     rows_per_rank = -(-global_batch_seqs // world)
     step_flops = rows_per_rank * (3 * context * dense + 3 * attn_flops(context, d, passes))
     pause_steps = []
     for e in ends:
-        seen = docs[:e * batch]
-        k = -(-seen // context)
-        pieces = np.minimum(np.repeat(seen, k) - (np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)) * context,
-                            context)
+        pieces = tg.doc_pieces(plan.scored(e), context)[:, 1]
         starts = np.cumsum(pieces) - pieces
         _, per_chunk = np.unique(starts // global_chunk_tokens, return_counts=True)
         pause_steps.append(int(global_epochs * np.sum(-(-per_chunk // global_batch_seqs))))
