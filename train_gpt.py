@@ -6,6 +6,8 @@ runtime -> data -> tokenizer/bpb/scoring -> model -> optimizers -> training -> q
 """
 from __future__ import annotations
 
+import ast
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -14,6 +16,7 @@ import difflib
 import glob
 import hashlib
 import importlib
+import io
 import json
 import lzma
 import math
@@ -22,6 +25,7 @@ import struct
 import subprocess
 import sys
 import time
+import tokenize
 import traceback
 import uuid
 import zlib
@@ -1890,7 +1894,10 @@ def dequantize_state(entries: dict[str, QEntry], n_layers: int) -> dict[str, Ten
 # its raw bytes. No pickle: loading never executes code.
 ARTIFACT_MAGIC = b"PGOLF"
 ARTIFACT_VERSION = 6  # 4: per-group streams, AWQ/LQER; 5: bits per entry; 6: evaluation settings in meta
-CODECS = ("lzma", "zstd", "brotli")
+CODECS = ("lzma", "zstd", "brotli", "zpaq")  # zpaq: ZPAQ level 5, as #1855's `lrzip -z`, in memory
+CODEC_PACKAGES = {"zstd": "zstandard", "brotli": "brotli", "zpaq": "zpaq"}  # pip package = module
+# ZPAQ compresses blocks in parallel: one per 4 MiB (not per core), so its bytes depend only on the data.
+ZPAQ_BLOCK_BYTES = 4 << 20
 DTYPES = {"torch.int8": torch.int8, "torch.int16": torch.int16, "torch.float16": torch.float16}
 # 1-byte codes as stored or transposed (columns often compress better); 2-byte values as stored or split
 # into a low-byte and a high-byte plane ("byte shuffle": the high bytes of similar values repeat).
@@ -1903,14 +1910,23 @@ Spec = namedtuple("Spec", "name field dtype shape")  # how the header lists a st
 
 
 def _codec(name: str) -> Codec:
+    """Codec `name`; an optional one that is not installed raises ImportError naming its package."""
     if name == "lzma":
         return Codec(lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress)
-    if name == "zstd":
-        import zstandard
-        return Codec(lambda b: zstandard.ZstdCompressor(level=22).compress(b),
-                     lambda b: zstandard.ZstdDecompressor().decompress(b, max_output_size=1 << 31))
-    import brotli
-    return Codec(lambda b: brotli.compress(b, quality=11), brotli.decompress)
+    try:
+        if name == "zstd":
+            import zstandard
+            return Codec(lambda b: zstandard.ZstdCompressor(level=22).compress(b),
+                         lambda b: zstandard.ZstdDecompressor().decompress(b, max_output_size=1 << 31))
+        if name == "zpaq":
+            import zpaq
+            blocks = lambda b: ceil_div(len(b) + 1, ZPAQ_BLOCK_BYTES)  # noqa: E731
+            return Codec(lambda b: zpaq.compress(b, level=5, threads=blocks(b), hints=False), zpaq.decompress)
+        import brotli
+        return Codec(lambda b: brotli.compress(b, quality=11), brotli.decompress)
+    except ImportError:
+        raise ImportError(f"codec {name} is not installed: pip install {CODEC_PACKAGES[name]} "
+                          f"(requirements.txt)") from None
 
 
 def available_codecs() -> list[str]:
@@ -2020,12 +2036,15 @@ def unpack(blob: bytes, source: str = "artifact") -> tuple[dict, dict, dict[str,
     """(config, meta, entries) from an artifact; anything corrupt or truncated is refused naming the part."""
     header, pos = unpack_header(blob, source)
     entries = {name: QEntry(bits) for name, bits in header["bits"].items()}
-    for g in header["groups"]:
-        raw = read_group(blob, pos, g, source)
-        specs = [Spec(*row) for row in g["tensors"]]
-        for spec, t in zip(specs, decode_group(raw, specs, g["transform"])):
-            setattr(entries[spec.name], spec.field, t)
-        pos += g["bytes"]
+    groups = header["groups"]
+    starts = [pos + sum(g["bytes"] for g in groups[:i]) for i in range(len(groups))]
+    with ThreadPoolExecutor(max(len(groups), 1)) as ex:  # ZPAQ decodes at ~0.24 MB/s a thread
+        raws = ex.map(lambda i: read_group(blob, starts[i], groups[i], source), range(len(groups)))
+        for g, raw in zip(groups, raws):  # in order: the first bad group is the one named
+            specs = [Spec(*row) for row in g["tensors"]]
+            for spec, t in zip(specs, decode_group(raw, specs, g["transform"])):
+                setattr(entries[spec.name], spec.field, t)
+            pos += g["bytes"]
     if pos != len(blob):
         raise ValueError(f"{source}: {len(blob) - pos} trailing bytes after the last group (corrupt)")
     return header["config"], header["meta"], entries
@@ -2041,8 +2060,8 @@ def read_group(blob: bytes, pos: int, g: dict, source: str) -> bytes:
         raise ValueError(f"{source}: group {name} is truncated ({len(blob) - pos} of {length} bytes)")
     try:
         raw = _codec(codec).decompress(blob[pos:pos + length])
-    except ImportError:
-        raise
+    except ImportError as e:
+        raise ImportError(f"{source}: group {name}: {e}") from None
     except Exception as e:
         raise ValueError(f"{source}: group {name} ({codec}) does not decompress ({e}): corrupt") from None
     if len(raw) != g["raw_bytes"] or zlib.crc32(raw) != g["crc"]:
@@ -2137,21 +2156,62 @@ def fit_artifact(entries, config, meta, code_bytes, cap, ctx) -> bytes:
     return pack(pruned(entries, order, k), config, meta, report)[0]
 
 
-def code_size() -> int:
-    with open(os.path.abspath(__file__), "rb") as f:
-        return len(f.read())
+# Code bytes: what a submission ships is this program as one line, as records have since #1394 (shipped by
+# #1394-#1514, counted beside readable source by #1530-#2135; README "Bytes"): the source without comments,
+# docstrings and blank lines, brotli-11, base85, exec'd. `records/tool.py new` ships it as train_gpt.py.
+WRAPPER = ('import brotli,base64;exec(brotli.decompress(base64.b85decode("', '")))\n')
+
+
+def strip_source(src: str) -> str:
+    """The same program without comments, docstrings and blank lines; every other line as it is, and strings
+    spanning lines whole. A docstring that is its block's only statement becomes `pass`."""
+    drop, keep, sole = set(), set(), {}
+    for node in ast.walk(ast.parse(src)):
+        body = getattr(node, "body", None)
+        doc = body[0].value if isinstance(body, list) and body and isinstance(body[0], ast.Expr) else None
+        if isinstance(doc, ast.Constant) and isinstance(doc.value, str):
+            drop.update(range(doc.lineno, doc.end_lineno + 1))
+            if len(body) == 1:  # the block's only statement
+                sole[doc.lineno] = doc.col_offset
+        if isinstance(node, (ast.Constant, ast.JoinedStr)) and node.end_lineno > node.lineno:
+            keep.update(range(node.lineno + 1, node.end_lineno + 1))
+    lines = src.splitlines(keepends=True)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            r, c = tok.start
+            lines[r - 1] = lines[r - 1][:c].rstrip() + "\n"
+    out = []
+    for i, line in enumerate(lines, 1):
+        if i in sole:
+            out.append(" " * sole[i] + "pass\n")
+        elif i not in drop and (i in keep or line.strip()):
+            out.append(line)
+    return "".join(out)
+
+
+def wrap_code(src: str) -> bytes:
+    payload = base64.b85encode(_codec("brotli").compress(strip_source(src).encode())).decode()
+    return (WRAPPER[0] + payload + WRAPPER[1]).encode()
+
+
+def code_sizes(path: str = __file__) -> tuple[int, int]:
+    """(this file's bytes, the shipped program's bytes); run as the shipped program, both are its own."""
+    with open(os.path.abspath(path), "rb") as f:
+        src = f.read()
+    return len(src), len(src if src.startswith(WRAPPER[0].encode()) else wrap_code(src.decode()))
 
 
 def pack_artifact(entries: dict | None, h: Hyperparameters, ctx: Context, meta: dict) -> str:
     """Rank 0 fits the quantized entries under the cap and writes the artifact atomically; every rank then
     waits for the file. Reads no data: compression runs after the training clock (frontier.md §3.3)."""
     if ctx.master:
-        code_bytes = code_size()
+        raw_code, code_bytes = code_sizes()
         blob = fit_artifact(entries, model_config(h), meta, code_bytes, h.SIZE_CAP_BYTES, ctx)
         write_atomic(h.ARTIFACT_PATH, blob)
         label = f"int{h.MATRIX_BITS}+pergroup"
         ctx.log(f"Serialized model {label}: {len(blob)} bytes")
-        ctx.log(f"Code size: {code_bytes} bytes")
+        ctx.log(f"Code size (uncompressed): {raw_code} bytes")
+        ctx.log(f"Code size (compressed): {code_bytes} bytes")
         ctx.log(f"Total submission size {label}: {code_bytes + len(blob)} bytes")
     ctx.barrier()
     return h.ARTIFACT_PATH
@@ -2707,7 +2767,10 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
 
 
 def check_outputs(h: Hyperparameters):
-    """Fails at start-up, not after training: each file the run writes needs a writable directory."""
+    """Fails at start-up, not after training: each file the run writes needs a writable directory, and the
+    cap fit needs the code size (brotli, a source that strips)."""
+    if not h.EVAL_ARTIFACT:
+        code_sizes()
     for name in ("DUMP_TOKEN_NLL",) + (() if h.EVAL_ARTIFACT else ("ARTIFACT_PATH",)):
         path = getattr(h, name)
         folder = os.path.dirname(os.path.abspath(path))

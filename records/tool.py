@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import base64
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -54,6 +56,7 @@ KNOWN_METRICS = {f"{base}{sfx}" for base in ("final_int6_roundtrip", "final_int6
                                              "final_int6_sliding_window_s64", "final_int8_zlib_roundtrip",
                                              "legal_ttt", "quantized_ttt_phased") for sfx in ("", "_exact")}
 RULE = "=" * 100
+READABLE = "train_gpt_readable.py"  # beside a shipped one-line wrapper: the same program, as written
 
 
 class UsageError(Exception):
@@ -160,8 +163,9 @@ def parse_log(text: str) -> dict:
                 r["sizes"]["model"], r["sizes"]["codec"] = int(m[2]), m[1]
             else:
                 r["sizes"]["model_raw"] = int(m[2])
-        elif m := re.match(r"Code size: (\d+) bytes", s):
-            r["sizes"]["code"] = int(m[1])
+        elif m := re.match(r"Code size(?: \((uncompressed|compressed)\))?: (\d+) bytes", s):
+            # the lineage since #1530 and ours: both sizes, the compressed one counts; before: one
+            r["sizes"]["code_raw" if m[1] == "uncompressed" else "code"] = int(m[2])
         elif m := re.match(r"Total submission size (\S+): (\d+) bytes", s):
             # R22 adds a legacy "int8+zlib" duplicate after the real one; keep the first
             r["sizes"].setdefault("total", int(m[2]))
@@ -393,18 +397,67 @@ def config_differences(runs: list[dict]) -> list[str]:
     return out
 
 
-def byte_checks(r: dict, code: bytes, script: str = "train_gpt.py") -> list[tuple[bool, str]]:
-    """The log's byte lines against the script file (#1835): code size, source, model + code = total."""
+def byte_checks(r: dict, files: dict[str, bytes], script: str = "train_gpt.py") -> list[tuple[bool, str]]:
+    """The log's byte lines against the shipped files (#1835): the code size is the shipped train_gpt.py's, the
+    logged source is one of the files (the wrapper or its readable source), model + code = total."""
     sz, tag, src = r["sizes"], f"seed {r['seed']}", (r["env"] or {}).get("source_sha256")
+    code = files["train_gpt.py"]
     out = [(sz.get("code") == len(code), f"{tag}: logged code size {sz.get('code')} == {script} size {len(code)}")]
     if src is not None:
-        out.append((src == hashlib.sha256(code).hexdigest(), f"{tag}: the script source in the log is {script}"))
+        out.append((src in {hashlib.sha256(f).hexdigest() for f in files.values()},
+                    f"{tag}: the script source in the log is {' or '.join(files)}"))
     if "model" not in sz or "total" not in sz:
         out.append((False, f"{tag}: the log has 'Serialized model' and 'Total submission size' lines"))
     else:
         out.append((sz["model"] + len(code) == sz["total"],
                     f"{tag}: compressed model {sz['model']} + code {len(code)} == logged total {sz['total']}"))
     return out
+
+
+def load_program(path: Path, name: str):
+    """Imports a train_gpt.py as module `name` (its main() does not run: it is not __main__)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def shipped_files(script: Path) -> dict[str, bytes]:
+    """What a record ships for the program that ran. One that defines wrap_code (ours) counts its one-line
+    wrapper as its code: that is train_gpt.py, and the program itself goes beside it as READABLE. Any other
+    script ships as it is."""
+    code = script.read_bytes()
+    if b"\ndef wrap_code(" not in code:
+        return {"train_gpt.py": code}
+    return {"train_gpt.py": load_program(script, "record_readable").wrap_code(code.decode()), READABLE: code}
+
+
+def wrapper_checks(folder: Path, add) -> None:
+    """train_gpt.py is READABLE's wrapper: it decompresses byte for byte to READABLE's stripped source, and
+    imported, it resolves every preset exactly as READABLE does."""
+    try:
+        mod = load_program(folder / READABLE, "record_readable")
+        shipped = load_program(folder / "train_gpt.py", "record_shipped")
+    except Exception as e:  # noqa: BLE001 - no torch here, or a broken file: say so, keep checking
+        add(False, f"could not import {READABLE} and train_gpt.py to prove they are one program: {e!r}", warn=True)
+        return
+    code, (head, tail) = (folder / "train_gpt.py").read_bytes(), (w.encode() for w in mod.WRAPPER)
+    payload = code[len(head):-len(tail)] if code.startswith(head) and code.endswith(tail) else None
+    try:
+        import brotli
+        same = brotli.decompress(base64.b85decode(payload)) == mod.strip_source((folder / READABLE).read_text()).encode()
+    except Exception:  # noqa: BLE001 - not the wrapper's form, or a corrupt payload
+        same = False
+    add(same, f"train_gpt.py decompresses byte for byte to {READABLE} without comments and docstrings")
+    differ = [p for p in mod.PRESETS if _resolved(mod, p) != _resolved(shipped, p)]
+    add(not differ, f"imported, train_gpt.py resolves every preset ({', '.join(mod.PRESETS)}) as {READABLE} does"
+        + (f" (differs: {differ})" if differ else ""))
+
+
+def _resolved(mod, preset: str) -> tuple:
+    h = mod.Hyperparameters({"PRESET": preset, "RUN_ID": "check"})
+    return h.items(), mod.model_config(h)
 
 
 def _module_file(d: Path, name: str) -> Path | None:
@@ -429,12 +482,14 @@ def _imports(src: Path) -> set[str]:
 
 
 def folder_imports(folder: Path) -> tuple[list[str], list[Path]]:
-    """Modules train_gpt.py (and the helpers it imports from its folder) would take from the repository around
-    the folder, and those helpers. Anything else is the standard library or an installed package."""
+    """Modules train_gpt.py (read in READABLE when it is a wrapper) and the helpers it imports from its folder
+    would take from the repository around the folder, and those helpers. Anything else is the standard library
+    or an installed package."""
     up = folder.resolve().parents
     root = next((d.parent for d in up if d.name == "records"), up[0])  # the repository holding records/
     around = [d for d in up if d == root or root in d.parents]
-    outside, helpers, todo, seen = [], [], [folder / "train_gpt.py"], set(sys.stdlib_module_names)
+    entry = folder / READABLE if (folder / READABLE).is_file() else folder / "train_gpt.py"
+    outside, helpers, todo, seen = [], [], [entry], set(sys.stdlib_module_names)
     while todo:
         for name in sorted(_imports(todo.pop()) - seen):
             seen.add(name)
@@ -577,6 +632,8 @@ TODO: env vars; SEED=<seed> torchrun --standalone --nproc_per_node=8 train_gpt.p
 
 ## Compliance
 
+The code counted is `train_gpt.py` as shipped: `train_gpt_readable.py` (when present) is the same program as
+written, and train_gpt.py is its one-line wrapper (comments and docstrings dropped, brotli, base85, `exec`).
 `python records/tool.py check {folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder}` passes.
 """
 
@@ -665,9 +722,10 @@ def print_plan(folder: Path, files: dict, top_level: Path, latest: Path) -> int:
 def cmd_new(a) -> int:
     runs = [r for p in a.logs for r in load_runs(Path(p))]
     _refuse_bad_runs(runs, a.logs)
-    code = Path(a.script).read_bytes()
+    shipped = shipped_files(Path(a.script))
+    code = shipped["train_gpt.py"]
     _refuse_unless([f"{Path(r['path']).name}: {text}" for r in runs
-                    for ok, text in byte_checks(r, code, a.script) if not ok],
+                    for ok, text in byte_checks(r, shipped, f"{a.script}'s shipped train_gpt.py") if not ok],
                    f"the logs' byte lines do not match {a.script} (--script must be the file that ran)")
     date = a.date or datetime.date.today().isoformat()
     folder = Path(a.records_dir) / f"{date}_{re.sub(r'[^A-Za-z0-9]+', '_', a.name).strip('_')}"
@@ -675,7 +733,7 @@ def cmd_new(a) -> int:
         raise SystemExit(f"refusing: {folder} exists (a record folder is never overwritten)")
     meta = {"name": a.name, "author": a.author, "github_id": a.github_id, "date": date, "blurb": a.blurb}
     sub = build_submission(runs, meta, len(code), a.against, a.rule or "progression")
-    files = {"train_gpt.py": code, **{f"train_seed{r['seed']}.log": Path(r["path"]) for r in runs},
+    files = {**shipped, **{f"train_seed{r['seed']}.log": Path(r["path"]) for r in runs},
              "submission.json": json.dumps(sub, indent=2) + "\n", "README.md": readme_text(sub, runs, folder)}
     if a.dry_run:
         return print_plan(folder, files, Path(a.top_level), latest_record(Path(a.records_dir), folder))
@@ -702,11 +760,14 @@ def check(folder: Path, against: Path | None, rule: str | None = None) -> int:
     runs = [r for r in runs if r["legal_metric"] and r["kind"] == "train"]
     if not runs or not script.is_file():
         return _report(results)
-    code = script.read_bytes()
+    files = {n: (folder / n).read_bytes() for n in ("train_gpt.py", READABLE) if (folder / n).is_file()}
+    code = files["train_gpt.py"]
     for r in runs:
-        for ok, text in byte_checks(r, code):
+        for ok, text in byte_checks(r, files):
             add(ok, text)
         _check_budgets(r, len(code), add)
+    if READABLE in files:
+        wrapper_checks(folder, add)
     _check_folder(folder, runs, add)
     _check_submission(folder / "submission.json", runs, len(code), add)
     if against:

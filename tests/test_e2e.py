@@ -8,7 +8,13 @@ import re
 import numpy as np
 import pytest
 
+import train_gpt as tg
 from conftest import ROOT, metric, run_script, tiny_env
+
+
+def shipped_code() -> bytes:
+    """The one-line program a record of train_gpt.py ships, whose size the run counts."""
+    return tg.wrap_code((ROOT / "train_gpt.py").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +41,9 @@ def test_log_has_lineage_lines_and_proves_bytes(trained):
                 r"^legal_ttt_exact ", r"^final_eval_time:"):
         assert re.search(pat, log, re.M), pat
     total = int(re.search(r"^Total submission size int6\+\w+: (\d+) bytes", log, re.M).group(1))
-    assert total == os.path.getsize(d / "final_model.int6.ptz") + os.path.getsize(ROOT / "train_gpt.py")
+    assert total == os.path.getsize(d / "final_model.int6.ptz") + len(shipped_code())
+    raw = int(re.search(r"^Code size \(uncompressed\): (\d+) bytes", log, re.M).group(1))
+    assert raw == os.path.getsize(ROOT / "train_gpt.py")
     assert log.startswith('"""Parameter Golf training script')
 
 
@@ -93,16 +101,21 @@ def test_records_tool_reads_our_log(trained):
 
 
 def test_records_tool_packages_and_checks_a_real_log(trained, tmp_path, capsys):
-    """`new` on a real log: the script matches the log byte for byte, one configuration, and every rule passes
-    but the record's own: one seed is not three, and a tiny run is not on 8×H100 (without nvidia-smi the log
-    cannot say, a WARN)."""
+    """`new` on a real log: it ships the counted wrapper as train_gpt.py and the script beside it, the log matches
+    them byte for byte, one configuration, and every rule passes but the record's own: one seed is not three,
+    and a tiny run is not on 8×H100 (without nvidia-smi the log cannot say, a WARN)."""
     tool = records_tool()
     d, _, log = trained
     args = ["new", str(d / "logs" / "tiny.txt"), "--name", "tiny", "--author", "a", "--github-id", "a", "--date",
             "2026-01-01", "--records-dir", str(tmp_path / "records"), "--top-level", str(tmp_path / "submission.json")]
     assert tool.main(args) == 1
     out = capsys.readouterr().out
-    assert "PASS  seed 7: the script source in the log is train_gpt.py" in out
+    folder = tmp_path / "records" / "2026-01-01_tiny"
+    assert (folder / "train_gpt.py").read_bytes() == shipped_code()
+    assert (folder / "train_gpt_readable.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    assert "PASS  seed 7: the script source in the log is train_gpt.py or train_gpt_readable.py" in out
+    assert "PASS  train_gpt.py decompresses byte for byte to train_gpt_readable.py without comments and " \
+           "docstrings" in out
     assert "PASS  train_gpt.py needs nothing outside its folder" in out
     hardware = tool._hardware(tool.parse_log(log))  # None on a machine without nvidia-smi
     fails = ["FAIL  a record needs 3 seeds: found 1"]
@@ -112,8 +125,8 @@ def test_records_tool_packages_and_checks_a_real_log(trained, tmp_path, capsys):
     else:
         fails.append(f"FAIL  seed 7: ran on {hardware} with world_size 1; a record runs on 8×H100")
     assert [x for x in out.splitlines() if x.startswith("FAIL")] == fails, out
-    sub = json.loads((tmp_path / "records" / "2026-01-01_tiny" / "submission.json").read_text())
-    assert sub["bytes_total"] == os.path.getsize(d / "final_model.int6.ptz") + os.path.getsize(ROOT / "train_gpt.py")
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["bytes_total"] == os.path.getsize(d / "final_model.int6.ptz") + len(shipped_code())
     assert sub["compliance"]["score_first_ttt"] and not sub["compliance"]["three_seeds"]
     assert sub["hardware"] == hardware
     assert sub["compliance"]["hardware_8xh100"] is (None if hardware is None else False)

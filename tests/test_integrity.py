@@ -92,6 +92,15 @@ def test_an_unwritable_artifact_path_fails_before_the_first_step(tiny_tokenizer,
     assert not re.search(r"^(step|warmup_step):", log, re.M)
 
 
+def test_without_brotli_a_run_stops_at_start_up_naming_it(monkeypatch):
+    """The cap fit counts the code as its brotli wrapper: without brotli a training run stops before its first
+    step, naming the package; re-evaluating an artifact needs no code size."""
+    monkeypatch.setitem(sys.modules, "brotli", None)  # import now raises ImportError
+    with pytest.raises(ImportError, match=r"codec brotli is not installed: pip install brotli"):
+        tg.check_outputs(tg.Hyperparameters({"RUN_ID": "x"}))
+    tg.check_outputs(tg.Hyperparameters({"RUN_ID": "x", "EVAL_ARTIFACT": "m.ptz"}))
+
+
 def test_under_torchrun_the_error_is_printed_once(tiny_tokenizer, tiny_data, tmp_path):
     """Two ranks fail alike (no validation shards): one error line on the console, from rank 0, instead of
     two tracebacks; the log has rank 0's traceback and rank 1's error line."""

@@ -1,13 +1,20 @@
 """Quantize/pack: GPTQ at MATRIX_BITS / EMBED_BITS (clip search or SDClip, AWQ-lite, LQER), int8 rows, the
 per-group artifact container (version 4), byte-capped fitting, calibration."""
+import ast
+import base64
 import copy
 import dataclasses
+import importlib.util
+import io
 import json
 import lzma
 import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
+import tokenize
 import zlib
 
 import pytest
@@ -356,8 +363,8 @@ def test_artifact_pins_the_trained_rope_base(scheme, packed, tmp_path):
         assert torch.equal(model.rotary.inv_freq, trained_inv_freq)
 
 
-def test_all_three_codecs_are_available():
-    """The record environment has lzma, zstd and brotli, so pack really compares three codecs per group."""
+def test_every_codec_is_available():
+    """The record environment (requirements.txt) has every codec, so pack really compares them per group."""
     assert tg.available_codecs() == list(tg.CODECS)
 
 
@@ -806,12 +813,14 @@ def test_pack_artifact_logs_the_bytes_on_disk(scheme, tmp_path, monkeypatch, nam
     ctx = Ctx(master=True)
     assert tg.pack_artifact(entries, h, ctx, {"seed": 7}) == "out.ptz"
     log = "\n".join(ctx.logs)
-    art, code = os.path.getsize(tmp_path / "out.ptz"), os.path.getsize(ROOT / "train_gpt.py")
+    art, raw = os.path.getsize(tmp_path / "out.ptz"), os.path.getsize(ROOT / "train_gpt.py")
+    code = len(tg.wrap_code((ROOT / "train_gpt.py").read_text()))
     label = f"int{h.MATRIX_BITS}+pergroup"
     line = next(m for m in ctx.logs if m.startswith("Serialized model"))
     m = re.match(r"Serialized model(?: (\S+))?: (\d+) bytes", line)  # records/tool.py's pattern
     assert m and m[1] == label and int(m[2]) == art
-    assert int(re.search(r"^Code size: (\d+) bytes", log, re.M).group(1)) == code
+    assert int(re.search(r"^Code size \(uncompressed\): (\d+) bytes", log, re.M).group(1)) == raw
+    assert int(re.search(r"^Code size \(compressed\): (\d+) bytes", log, re.M).group(1)) == code < raw / 3
     assert int(re.search(rf"^Total submission size {re.escape(label)}: (\d+) bytes", log, re.M).group(1)) == art + code
     assert sorted(os.listdir(tmp_path)) == ["out.ptz"]
 
@@ -902,8 +911,9 @@ def test_cap_below_fully_pruned_size_raises_saying_how_far_over(prune_sizes):
 
 def test_size_cap_end_to_end(tiny_tokenizer, tiny_data, tmp_path):
     """Subprocess: an impossible SIZE_CAP_BYTES exits non-zero saying 'bytes over'; a cap between the pruned
-    and unpruned sizes logs size_fit lines and writes code + artifact <= cap."""
-    code = os.path.getsize(ROOT / "train_gpt.py")
+    and unpruned sizes logs size_fit lines and writes code + artifact <= cap. The code counted is the shipped
+    wrapper's (a cap set from it would be ~100 KB short if the fit counted the readable file)."""
+    code = len(tg.wrap_code((ROOT / "train_gpt.py").read_text()))
     base = dict(ITERATIONS=8, TTT_ENABLED=0, EVAL_STRIDE=16)
     cap = code + 2000
     (tmp_path / "a").mkdir()
@@ -922,6 +932,105 @@ def test_size_cap_end_to_end(tiny_tokenizer, tiny_data, tmp_path):
     total = int(re.search(r"^Total submission size int6\+pergroup: (\d+) bytes", log, re.M).group(1))
     assert total == os.path.getsize(tmp_path / "b" / "final_model.int6.ptz") + code <= cap2
     assert re.search(r"^final_int6_sliding_window_exact ", log, re.M)  # the pruned artifact loads and evaluates
+
+
+# ---------------------------------------------------------------- code bytes
+
+EDGE_SOURCE = '''"""Module docstring."""
+from __future__ import annotations
+import json  # a comment after code
+X = "a # inside a string"
+
+
+class Empty(Exception):
+    """Only a docstring: the body becomes pass."""
+
+
+def f(a):
+    """Docstring
+    over lines."""
+
+    # a whole-line comment
+    text = """kept verbatim:
+
+    # not a comment
+"""
+    g = f"""{a} spans
+# lines too"""
+    return [text, g, X,  # trailing
+            json.dumps(a)]
+
+
+if __name__ == "__main__":
+    print(json.dumps(f(1)))
+'''
+
+
+def without_docstrings(src: str) -> str:
+    tree = ast.parse(src)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            body[0:1] = [] if len(body) > 1 else [ast.Pass()]
+    return ast.dump(tree)
+
+
+@pytest.mark.parametrize("which", ["edge cases", "train_gpt.py"])
+def test_strip_source_is_the_same_program_without_comments_docstrings_or_blank_lines(which):
+    """Same syntax tree as the source minus its docstrings; no comment token, no blank line outside a string;
+    strings spanning lines (with their blank and '#' lines) kept verbatim."""
+    src = EDGE_SOURCE if which == "edge cases" else (ROOT / "train_gpt.py").read_text()
+    out = tg.strip_source(src)
+    assert ast.dump(ast.parse(out)) == without_docstrings(src)
+    toks = list(tokenize.generate_tokens(io.StringIO(out).readline))
+    assert not [t for t in toks if t.type == tokenize.COMMENT]
+    in_strings = {r for t in toks if t.type == tokenize.STRING for r in range(t.start[0] + 1, t.end[0] + 1)}
+    assert all(line.strip() for i, line in enumerate(out.splitlines(), 1) if i not in in_strings)
+    if which == "edge cases":
+        assert "kept verbatim:\n\n    # not a comment\n" in out and "{a} spans\n# lines too" in out
+        assert "class Empty(Exception):\n    pass\n" in out and "Docstring" not in out and "trailing" not in out
+    else:
+        assert len(out) < 0.85 * len(src)
+
+
+def test_the_wrapper_is_one_line_that_runs_the_stripped_source(tmp_path):
+    """wrap_code's file: one line whose payload decodes (base85, brotli) byte for byte to the stripped source;
+    run as a script it is __main__; its code size is its own length, counted once."""
+    import brotli
+    shipped = tg.wrap_code(EDGE_SOURCE)
+    head, tail = (w.encode() for w in tg.WRAPPER)
+    assert shipped.startswith(head) and shipped.endswith(tail) and shipped.count(b"\n") == 1
+    payload = shipped[len(head):-len(tail)]
+    assert brotli.decompress(base64.b85decode(payload)) == tg.strip_source(EDGE_SOURCE).encode()
+    (tmp_path / "w.py").write_bytes(shipped)
+    (tmp_path / "src.py").write_text(EDGE_SOURCE)
+    ran = [subprocess.run([sys.executable, str(tmp_path / n)], capture_output=True, text=True)
+           for n in ("w.py", "src.py")]
+    assert ran[0].returncode == 0 and ran[0].stdout == ran[1].stdout != "", ran[0].stderr
+    assert tg.code_sizes(str(tmp_path / "w.py")) == (len(shipped), len(shipped))
+    assert tg.code_sizes(str(tmp_path / "src.py")) == (len(EDGE_SOURCE.encode()), len(shipped))
+
+
+def test_the_wrapped_train_gpt_resolves_every_preset_as_the_readable_one(tmp_path):
+    """Imported, the shipped wrapper of train_gpt.py has the same settings table and presets, resolves every
+    preset to the same settings, derived values and artifact config, and counts its own size as the code."""
+    shipped = tg.wrap_code((ROOT / "train_gpt.py").read_text())
+    path = tmp_path / "train_gpt.py"
+    path.write_bytes(shipped)
+    spec = importlib.util.spec_from_file_location("wrapped_train_gpt", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["wrapped_train_gpt"] = mod  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules["wrapped_train_gpt"]
+    assert [tuple(s) for s in mod.HPARAMS] == [tuple(s) for s in tg.HPARAMS] and mod.PRESETS == tg.PRESETS
+    for preset in tg.PRESETS:
+        a, b = (m.Hyperparameters({"PRESET": preset, "RUN_ID": "x"}) for m in (tg, mod))
+        assert a.items() == b.items() and tg.model_config(a) == mod.model_config(b), preset
+        assert (a.loop_order, a.rope_base, a.n_skips) == (b.loop_order, b.rope_base, b.n_skips), preset
+    assert mod.code_sizes() == (len(shipped), len(shipped)) and tg.code_sizes()[1] == len(shipped)
 
 
 # ---------------------------------------------------------------- corrupt artifacts
@@ -961,6 +1070,36 @@ def test_corrupt_or_truncated_group_is_refused_naming_it(packed, tmp_path):
         cases[f"{g}: truncated"] = (blob[:(a + b) // 2], named + r".*truncated")
     failures = check_refused(tmp_path, cases)
     assert not failures, "\n".join(failures)
+
+
+def test_every_codec_refuses_its_corrupt_groups(forced, tmp_path):
+    """Each codec, forced on every group: a flipped byte mid-stream or a cut stream is refused naming the group
+    (a codec that decodes garbage is caught by the raw length and CRC-32)."""
+    cases = {}
+    for (codec, i), (blob, _) in forced.items():
+        for g, (a, b) in group_spans(blob).items() if i == 0 else ():
+            named = rf"group {re.escape(g)}[: ]"
+            cases[f"{codec} {g}: flipped byte"] = (_flip(blob, (a + b) // 2), named + r".*corrupt")
+            cases[f"{codec} {g}: truncated"] = (blob[:(a + b) // 2], named + r".*truncated")
+    assert {c for c, _ in forced} == set(tg.CODECS)
+    failures = check_refused(tmp_path, cases)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("codec", ["zpaq", "brotli", "zstd"])
+def test_an_artifact_whose_codec_is_missing_names_the_package(forced, tmp_path, monkeypatch, codec):
+    """Without the codec's package, pack leaves it out, and reading a group it compressed fails naming the
+    file, the group and the pip package to install."""
+    blob, report = forced[codec, 0]
+    path = tmp_path / "m.ptz"
+    path.write_bytes(blob)
+    monkeypatch.setitem(sys.modules, tg.CODEC_PACKAGES[codec], None)  # import now raises ImportError
+    assert codec not in tg.available_codecs() and len(tg.available_codecs()) == len(tg.CODECS) - 1
+    first = sorted(report)[0]
+    want = rf"^{re.escape(str(path))}: group {re.escape(first)}: codec {codec} is not installed: " \
+           rf"pip install {tg.CODEC_PACKAGES[codec]} "
+    with pytest.raises(ImportError, match=want):
+        tg.read_artifact(str(path))
 
 
 def test_corrupt_header_and_container_are_refused_with_clear_errors(packed, tmp_path):

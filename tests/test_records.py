@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
+import train_gpt as tg
+
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "records"
 spec = importlib.util.spec_from_file_location("records_tool", ROOT / "records" / "tool.py")
@@ -256,7 +258,8 @@ def our_log(seed, loss, *, code=len(CODE), model=15_000_000, train_ms=590_123, c
              f"gptq:calibration start train_time:{train_ms}ms",
              f"gptq:calibration end train_time:{calib_ms}ms tokens:50331648 layers:66 elapsed:7.9s",
              "gptq:quantized 66 matrices in 12.0s", f"gptq:done train_time:{gptq_ms}ms", *extra,
-             f"Serialized model int6+pergroup: {model} bytes", f"Code size: {code} bytes",
+             f"Serialized model int6+pergroup: {model} bytes", f"Code size (uncompressed): {len(source)} bytes",
+             f"Code size (compressed): {code} bytes",
              f"Total submission size int6+pergroup: {model + code} bytes",
              "final_int6_roundtrip val_loss:1.9200 val_bpb:1.1371 eval_time:7000ms",
              "final_int6_roundtrip_exact val_loss:1.92000000 val_bpb:1.13712000",
@@ -522,7 +525,7 @@ def test_our_train_gpt_needs_nothing_outside_its_folder(tmp_path):
             (tmp_path / name / f.name).write_bytes(f.read_bytes())
             (tmp_path / f.name).write_bytes(f.read_bytes())  # as if each were importable from the root too
     assert tool.folder_imports(folder) == ([], [])
-    assert {"numpy", "torch", "sentencepiece", "zstandard", "brotli"} <= tool._imports(folder / "train_gpt.py")
+    assert {"numpy", "torch", "sentencepiece", *tg.CODEC_PACKAGES.values()} <= tool._imports(folder / "train_gpt.py")
 
 
 NEW_ARGS = ["--name", "X", "--author", "a", "--github-id", "a"]
@@ -668,6 +671,61 @@ def test_new_refuses_logs_whose_bytes_do_not_match_the_script(project):
                                                                           "Total submission size int6+pergroup: 1"))
     assert f"compressed model 15000000 + code {len(CODE)} == logged total 1" in refuse(project, [str(edited)],
                                                                                           "do not match")
+
+
+# ------------------------------------------------------------------ shipped code: our one-line wrapper
+@pytest.fixture(scope="module")
+def ours():
+    """train_gpt.py as written, and the one-line wrapper a record ships (its logged code size)."""
+    src = (ROOT / "train_gpt.py").read_bytes()
+    return src, tg.wrap_code(src.decode())
+
+
+def test_new_ships_our_wrapper_beside_the_readable_source_and_check_proves_them_one_program(project, ours, capsys):
+    src, shipped = ours
+    (project / "mine.py").write_bytes(src)
+    rc, folder = new_record(project, [x - 0.012 for x in PR549], script=project / "mine.py", code=len(shipped),
+                            source=src)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert (folder / "train_gpt.py").read_bytes() == shipped and (folder / tool.READABLE).read_bytes() == src
+    assert json.loads((folder / "submission.json").read_text())["bytes_total"] == 15_000_000 + len(shipped)
+    assert f"PASS  seed 42: logged code size {len(shipped)} == train_gpt.py size {len(shipped)}" in out
+    assert "PASS  train_gpt.py decompresses byte for byte to train_gpt_readable.py without comments and " \
+           "docstrings" in out
+    assert (f"PASS  imported, train_gpt.py resolves every preset ({', '.join(tg.PRESETS)}) as "
+            "train_gpt_readable.py does") in out
+    assert "PASS  train_gpt.py needs nothing outside its folder" in out
+    assert lines(out, "FAIL") == [] and lines(out, "WARN") == []
+    # a run launched from the wrapper logs the wrapper as its source: the same files prove it
+    r = tool.parse_log(our_log(7, 1.9, code=len(shipped), source=shipped))
+    assert (r["sizes"]["code_raw"], r["sizes"]["code"]) == (len(shipped), len(shipped))  # the lineage's two lines
+    assert all(ok for ok, _ in tool.byte_checks(r, {"train_gpt.py": shipped, tool.READABLE: src}))
+
+
+def test_check_fails_a_wrapper_that_is_not_its_readable_source(project, ours, capsys):
+    """A shipped wrapper of another program (one preset value changed) fails both proofs, naming the preset."""
+    src, shipped = ours
+    (project / "mine.py").write_bytes(src)
+    _, folder = new_record(project, [x - 0.012 for x in PR549], script=project / "mine.py", code=len(shipped),
+                           source=src)
+    capsys.readouterr()
+    other = src.replace(b"MATRIX_LR=0.026,", b"MATRIX_LR=0.027,", 1)
+    assert other != src
+    (folder / "train_gpt.py").write_bytes(tg.wrap_code(other.decode()))
+    assert tool.check(folder, None) == 1
+    fails = lines(capsys.readouterr().out, "FAIL")
+    assert any("decompresses byte for byte" in f for f in fails), fails
+    assert any(f"as train_gpt_readable.py does (differs: ['sp8192'])" in f for f in fails), fails
+
+
+def test_new_refuses_our_script_when_the_log_counts_its_readable_bytes(project, ours):
+    """Our script counts its wrapper: a log whose code size is the readable file's is not from this script."""
+    src, shipped = ours
+    (project / "mine.py").write_bytes(src)
+    logs = make_logs(project, "raw", [1.88], code=len(src), source=src)
+    msg = refuse(project, logs, "--script must be the file that ran", script=project / "mine.py")
+    assert f"logged code size {len(src)} == " in msg and f"size {len(shipped)}" in msg
 
 
 # ------------------------------------------------------------------ TTT_MODE=lora, SLIDING_WINDOW_ENABLED
