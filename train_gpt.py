@@ -17,6 +17,7 @@ import glob
 import hashlib
 import importlib
 import io
+import itertools
 import json
 import lzma
 import math
@@ -2037,16 +2038,15 @@ def unpack(blob: bytes, source: str = "artifact") -> tuple[dict, dict, dict[str,
     header, pos = unpack_header(blob, source)
     entries = {name: QEntry(bits) for name, bits in header["bits"].items()}
     groups = header["groups"]
-    starts = [pos + sum(g["bytes"] for g in groups[:i]) for i in range(len(groups))]
+    starts = list(itertools.accumulate([pos] + [g["bytes"] for g in groups]))  # each group's, then the end
     with ThreadPoolExecutor(max(len(groups), 1)) as ex:  # ZPAQ decodes at ~0.24 MB/s a thread
         raws = ex.map(lambda i: read_group(blob, starts[i], groups[i], source), range(len(groups)))
         for g, raw in zip(groups, raws):  # in order: the first bad group is the one named
             specs = [Spec(*row) for row in g["tensors"]]
             for spec, t in zip(specs, decode_group(raw, specs, g["transform"])):
                 setattr(entries[spec.name], spec.field, t)
-            pos += g["bytes"]
-    if pos != len(blob):
-        raise ValueError(f"{source}: {len(blob) - pos} trailing bytes after the last group (corrupt)")
+    if starts[-1] != len(blob):
+        raise ValueError(f"{source}: {len(blob) - starts[-1]} trailing bytes after the last group (corrupt)")
     return header["config"], header["meta"], entries
 
 
@@ -2768,9 +2768,9 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
 
 def check_outputs(h: Hyperparameters):
     """Fails at start-up, not after training: each file the run writes needs a writable directory, and the
-    cap fit needs the code size (brotli, a source that strips)."""
+    cap fit's code size needs brotli."""
     if not h.EVAL_ARTIFACT:
-        code_sizes()
+        _codec("brotli")
     for name in ("DUMP_TOKEN_NLL",) + (() if h.EVAL_ARTIFACT else ("ARTIFACT_PATH",)):
         path = getattr(h, name)
         folder = os.path.dirname(os.path.abspath(path))
