@@ -100,6 +100,8 @@ SETTINGS = {
     ],
     "schedule": [
         ("TRAIN_SEQ_LEN", 2048, "also resolves ntk1024's base", ">0"),
+        ("TRAIN_SEQ_SCHEDULE", "", "L@share,...: length L until that share of training (#2014)"),
+        ("SEQ_CHANGE_WARMUP_STEPS", 0, "LR ramp over this many steps after a length change", ">=0"),
         ("TRAIN_BATCH_TOKENS", 786_432, "per step, all ranks", ">0"),
         ("ITERATIONS", 9000, "step cap", ">=0"),
         ("WARMUP_STEPS", 20, "compile warm-up, undone", ">=0"),
@@ -125,9 +127,10 @@ SETTINGS = {
         ("ATTN_CLIP_SIGMAS", 0.0, "SDClip k (0: clip search)", ">=0"),
         ("MLP_CLIP_SIGMAS", 0.0, "SDClip k (0: clip search)", ">=0"),
         ("EMBED_CLIP_SIGMAS", 0.0, "SDClip k (0: clip search)", ">=0"),
-        ("AWQ_LITE_GROUP_TOP_K", 0, "int8 column groups per matrix", ">=0"),
+        ("AWQ_LITE_GROUP_TOP_K", 0, "int8 64-column groups: the model's most salient", ">=0"),
         ("LQER_RANK", 4, "error correction rank (0: off)", ">=0"),
         ("LQER_TOP_K", 3, "matrices it corrects", ">=0"),
+        ("LQER_ASYM_GROUP", 64, "values per int4 scale of its B factor", ">0"),
         ("SIZE_CAP_BYTES", 16_000_000, "code + artifact (decimal)", ">0"),
         ("ARTIFACT_PATH", "final_model.int6.ptz", "written before evaluation"),
     ],
@@ -138,6 +141,7 @@ SETTINGS = {
         ("EVAL_BATCH_SEQS", 32, "windows per batch", ">0"),
         ("EVAL_BUDGET_SECONDS", 600.0, "TTT stops adapting before it"),
         ("SLIDING_WINDOW_ENABLED", True, "the sliding-window pass"),
+        ("ASYM_LOGIT_RESCALE", False, "learned softcaps for logits > 0 and <= 0 (#1923), TTT-trained"),
         ("DUMP_TOKEN_NLL", "", "X.npy: the last pass's NLLs (+ X.order.npy)"),
     ],
     "ttt": [
@@ -155,10 +159,12 @@ SETTINGS = {
         # lora mode: each document scored in chunks, each then trained on by its own adapters
         ("TTT_EVAL_SEQ_LEN", 2048, "a document's context (longer ones slide)", ">0"),
         ("TTT_CHUNK_SIZE", 48, "targets per score-then-train step", ">0"),
+        ("TTT_SHORT_SCORE_FIRST_STEPS", "", "N:C,...: chunks of C for documents of <= N tokens"),
         ("TTT_BATCH_SIZE", 64, "documents adapted together, per rank", ">0"),
         ("TTT_LORA_RANK", 80, "adapter rank", ">0"),
         ("TTT_LORA_ALPHA", 144.0, "adapter scale: alpha / rank"),
         ("TTT_LORA_LR", 1e-4, "Adam LR"),
+        ("TTT_LOCAL_LR_MULT", 1.0, "its multiplier (#1953)", ">0"),
         ("TTT_BETA1", 0.0, "Adam beta1", "[0,1)"),
         ("TTT_BETA2", 0.99, "Adam beta2", "[0,1)"),
         ("TTT_WEIGHT_DECAY", 0.5, "AdamW weight decay", ">=0"),
@@ -190,14 +196,12 @@ Setting = namedtuple("Setting", "group name default doc domain", defaults=(None,
 HPARAMS = [Setting(group, *row) for group, rows in SETTINGS.items() for row in rows]
 DEFAULTS = {s.name: s.default for s in HPARAMS}
 MODEL_KEYS = tuple(s.name for s in HPARAMS if s.group == "model")
-# What evaluation reads (TTT trains on TRAIN_SEQ_LEN rows): the artifact stores it, so a re-evaluation scores
-# as the run did.
-EVAL_KEYS = tuple(s.name for s in HPARAMS if s.group in ("evaluation", "ttt")
-                  and s.name not in ("EVAL_ARTIFACT", "DUMP_TOKEN_NLL")) + ("TRAIN_SEQ_LEN",)
-PRESETS = {
-    "pr549": {},  # the defaults: 1.1194 bpb
-    # The SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 and its LoRA TTT, no CaseOps (README: Presets)
-    "sp8192": dict(
+# What evaluation reads (TTT trains on TRAIN_SEQ_LEN rows; the schedule must end there): the artifact stores
+# it, so a re-evaluation scores as the run did.
+EVAL_KEYS = tuple(s.name for s in HPARAMS if s.group in ("evaluation", "ttt") and s.name not in
+                  ("EVAL_ARTIFACT", "DUMP_TOKEN_NLL")) + ("TRAIN_SEQ_LEN", "TRAIN_SEQ_SCHEDULE")
+# The accepted records we reproduce, each on the last (README: Presets, with what each lacks: CaseOps first).
+PR1855 = dict(  # the SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 and its LoRA TTT
         DATA_PATH="./data/datasets/fineweb10B_sp8192", VOCAB_SIZE=8192,
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model", MLP_MULT=4.0, ROPE_SCALING="none",
         QK_GAIN_INIT=5.0, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0, VE_LAYERS="", SMEAR_GATE="bos",
@@ -206,8 +210,19 @@ PRESETS = {
         MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_ROW_NORMALIZE=True,
         MUON_POLAR_EXPRESS=True, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, EMA_DECAY=0.9965,
         VAL_LOSS_EVERY=0, EMBED_BITS=7, ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0,
-        SLIDING_WINDOW_ENABLED=False, TTT_MODE="lora", TTT_LR=0.005),  # TTT_LR: #1493's, for TTT_MODE=chunk
-}
+        SLIDING_WINDOW_ENABLED=False, TTT_MODE="lora", TTT_LR=0.005)  # TTT_LR: #1493's, for TTT_MODE=chunk
+PR1945 = PR1855 | dict(ASYM_LOGIT_RESCALE=True, AWQ_LITE_GROUP_TOP_K=1)
+PR1953 = PR1945 | dict(QK_GAIN_INIT=5.25, EVAL_SEQ_LEN=2560, TTT_EVAL_SEQ_LEN=2560, TTT_Q_LORA=False,
+                       TTT_V_LORA=False, TTT_LOCAL_LR_MULT=0.75)
+PR2014 = PR1953 | dict(TRAIN_SEQ_LEN=3072, TRAIN_SEQ_SCHEDULE="1024@0.1,2048@0.7,3072@1.0",
+                       SEQ_CHANGE_WARMUP_STEPS=32, EVAL_SEQ_LEN=2048,  # 2048: the others' validation cut
+                       TTT_EVAL_SEQ_LEN=3072, TTT_SHORT_SCORE_FIRST_STEPS="256:8,2000:24", TTT_BATCH_SIZE=24,
+                       PHASED_TTT_NUM_PHASES=1)
+PR2135 = PR1945 | dict(AWQ_LITE_GROUP_TOP_K=0, MATRIX_LR=0.028, GPTQ_CALIB_BATCHES=32, LQER_ASYM_GROUP=32,
+                       EVAL_SEQ_LEN=2560, TTT_EVAL_SEQ_LEN=2560, TTT_LORA_LR=8e-5, TTT_WEIGHT_DECAY=2.0,
+                       TTT_K_LORA=False, PHASED_TTT_NUM_PHASES=1)
+PRESETS = {"pr549": {}, "pr1855": PR1855, "sp8192": PR1855, "pr1945": PR1945, "pr1953": PR1953,
+           "pr2014": PR2014, "pr2135": PR2135}  # pr549: the defaults; sp8192: pr1855's first name
 # An unknown env var is refused when it is a typo of a setting, or starts with a setting's first word
 # (TTT_GRAD_STEPS) but not one other tools use too (NUM_THREADS, MAX_JOBS), or a lineage prefix we lack.
 SHARED_PREFIXES = ("NUM_", "MAX_", "MIN_", "DATA_", "RUN_", "MODEL_", "ENABLE_", "SIZE_")
@@ -251,6 +266,19 @@ def _parse(s: Setting, raw: str):
         raise ValueError(f"{s.name}={raw!r} is not a valid {typ.__name__}") from None
 
 
+def parse_pairs(name: str, text: str, sep: str, types: tuple) -> list[tuple]:
+    """'a<sep>b,...' -> [(a, b), ...]: positive, the a's increasing (TRAIN_SEQ_SCHEDULE: 1024@0.1,2048@1)."""
+    try:
+        pairs = [tuple(t(v) for t, v in zip(types, item.split(sep), strict=True))
+                 for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: must be comma-separated pairs a{sep}b") from None
+    firsts = [a for a, _ in pairs]
+    if any(a <= 0 or b <= 0 for a, b in pairs) or firsts != sorted(set(firsts)):
+        raise ValueError(f"{name}={text!r}: values must be > 0, the first of each pair increasing")
+    return pairs
+
+
 class Hyperparameters:
     """Reads every setting from the environment when constructed, validates, and fails naming the variable."""
 
@@ -281,6 +309,10 @@ class Hyperparameters:
             self.ve_layers = [int(v) for v in self.VE_LAYERS.split(",") if v.strip()]
         except ValueError:
             raise ValueError(f"VE_LAYERS={self.VE_LAYERS!r}: must be comma-separated layer indices") from None
+        schedule = parse_pairs("TRAIN_SEQ_SCHEDULE", self.TRAIN_SEQ_SCHEDULE, "@", (int, float))
+        self.seq_schedule = schedule or [(self.TRAIN_SEQ_LEN, 1.0)]  # (length, share of training it ends at)
+        self.short_chunks = parse_pairs("TTT_SHORT_SCORE_FIRST_STEPS", self.TTT_SHORT_SCORE_FIRST_STEPS, ":",
+                                        (int, int))  # (document tokens, chunk size)
         self._validate()
         self.head_dim = self.MODEL_DIM // self.NUM_HEADS
         self.mlp_hidden = int(self.MLP_MULT * self.MODEL_DIM)
@@ -325,10 +357,15 @@ class Hyperparameters:
              "and WARMDOWN_ITERS both set: choose one (set the other to 0)")
         need(0 <= self.GPTQ_RESERVE_SECONDS < self.MAX_WALLCLOCK_SECONDS or self.MAX_WALLCLOCK_SECONDS <= 0,
              "GPTQ_RESERVE_SECONDS", "must be below MAX_WALLCLOCK_SECONDS")
-        need(self.AWQ_LITE_GROUP_TOP_K == 0 or self.MATRIX_BITS < 8, "AWQ_LITE_GROUP_TOP_K",
-             "promotes column groups to int8: needs MATRIX_BITS < 8")
+        need(self.AWQ_LITE_GROUP_TOP_K == 0 or min(self.MATRIX_BITS, self.EMBED_BITS) < 8,
+             "AWQ_LITE_GROUP_TOP_K", "promotes column groups to int8: needs MATRIX_BITS or EMBED_BITS < 8")
         need(self.EVAL_STRIDE <= self.EVAL_SEQ_LEN, "EVAL_STRIDE", "must be <= EVAL_SEQ_LEN")
         need(self.TTT_CHUNK_SIZE <= self.TTT_EVAL_SEQ_LEN, "TTT_CHUNK_SIZE", "must be <= TTT_EVAL_SEQ_LEN")
+        need(all(c <= self.TTT_EVAL_SEQ_LEN for _, c in self.short_chunks), "TTT_SHORT_SCORE_FIRST_STEPS",
+             "chunk sizes must be <= TTT_EVAL_SEQ_LEN")
+        (last, end), shares = self.seq_schedule[-1], [f for _, f in self.seq_schedule]
+        need(last == self.TRAIN_SEQ_LEN and end == 1.0 and shares == sorted(set(shares)),
+             "TRAIN_SEQ_SCHEDULE", "shares must increase to 1.0, where the length is TRAIN_SEQ_LEN")
         need(not self.DUMP_TOKEN_NLL or self.SLIDING_WINDOW_ENABLED or self.TTT_ENABLED, "DUMP_TOKEN_NLL",
              "dumps the sliding or TTT pass: enable one")
 
@@ -404,8 +441,9 @@ class Context:
         return self.max_across(float(flag)) > 0
 
 
-# The pipeline needs 3 graphs per rank (train step, eval batch, TTT step: every eval path pads to one
-# shape); the margin makes an unforeseen shape a logged recompile instead of a fullgraph crash.
+# Graphs per rank: the train step per length and loop state, the eval batch, lora TTT's row lengths and the
+# pause step (every eval path pads to fixed shapes); the margin makes an unforeseen shape a logged
+# recompile instead of a fallback to eager.
 RECOMPILE_LIMIT = 32
 
 
@@ -1038,6 +1076,7 @@ class GPT(nn.Module):
         self.lane_post = nn.Parameter(torch.ones(lanes, 2, 2)) if lanes else None
         self.rotary = Rotary(h.ROPE_DIMS, h.rope_base)
         self.observe = _no_observe  # replaced during Hessian collection
+        self.logit_caps = None  # ASYM_LOGIT_RESCALE: (cap of logits > 0, of the rest), on the eval model only
         self.act_dtype = torch.float32  # residual stream dtype: bf16 under CUDA autocast (build_model)
         self._init_weights(h)
 
@@ -1124,7 +1163,10 @@ class GPT(nn.Module):
         logits = F.linear(h, self.tok_emb.weight.to(h.dtype))
         if lora is not None:
             logits = logits + lora.head(h)
-        logits = self.softcap * torch.tanh(logits.float() / self.softcap)
+        logits, cap = logits.float(), self.softcap
+        if self.logit_caps is not None:  # both LOGIT_SOFTCAP until TTT moves them: then the same values
+            cap = torch.where(logits > 0, self.logit_caps[0], self.logit_caps[1])
+        logits = cap * torch.tanh(logits / cap)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
@@ -1361,19 +1403,32 @@ def lr_multiplier(h: Hyperparameters, step: int, elapsed_ms: float, budget_ms: f
     return max(remaining / warmdown_ms if remaining <= warmdown_ms else 1.0, h.MIN_LR)
 
 
+def train_seq_len(h: Hyperparameters, frac: float) -> int:
+    """The training sequence length at this share of training (TRAIN_SEQ_SCHEDULE; #2014's progressive
+    context). Tokens per step stay TRAIN_BATCH_TOKENS: a longer length means fewer rows."""
+    return next((L for L, end in h.seq_schedule if frac < end), h.TRAIN_SEQ_LEN)
+
+
+def seq_change_ramp(h: Hyperparameters, steps_at_length: int) -> float:
+    """#2014's LR ramp, (k + 1) / SEQ_CHANGE_WARMUP_STEPS at the k-th step after a length change."""
+    w = h.SEQ_CHANGE_WARMUP_STEPS
+    return min(1.0, (steps_at_length + 1) / w) if w else 1.0
+
+
 def local_batch_tokens(h: Hyperparameters, ctx: Context) -> int:
     per = ctx.world * ctx.grad_accum
-    if h.TRAIN_BATCH_TOKENS % (per * h.TRAIN_SEQ_LEN):
-        raise ValueError(f"TRAIN_BATCH_TOKENS={h.TRAIN_BATCH_TOKENS} must be a multiple of "
-                         f"world_size*grad_accum*TRAIN_SEQ_LEN={per * h.TRAIN_SEQ_LEN}")
+    for L, _ in h.seq_schedule:
+        if h.TRAIN_BATCH_TOKENS % (per * L):
+            raise ValueError(f"TRAIN_BATCH_TOKENS={h.TRAIN_BATCH_TOKENS} must be a multiple of "
+                             f"world_size*grad_accum*TRAIN_SEQ_LEN={per * L} (sequence length {L})")
     return h.TRAIN_BATCH_TOKENS // per
 
 
-def train_step(model_c, loader, opt: Optimizers, h, ctx, step: int, lr_mult: float) -> Tensor:
+def train_step(model_c, loader, opt: Optimizers, h, ctx, step: int, lr_mult: float, seq_len: int) -> Tensor:
     local = local_batch_tokens(h, ctx)
     total = 0.0
     for _ in range(ctx.grad_accum):
-        x, y = loader.next_batch(local, h.TRAIN_SEQ_LEN)
+        x, y = loader.next_batch(local, seq_len)
         with ctx.autocast():
             loss = model_c(x, y).mean()
         (loss / ctx.grad_accum).backward()
@@ -1414,19 +1469,21 @@ class WeightAverages:
 
 
 def compile_warmup(model, model_c, loader_fn, h, ctx):
-    """WARMUP_STEPS real steps compile the step (again with the loop on: the timed run compiles nothing),
-    then weights, optimizer state and the data stream are restored."""
+    """WARMUP_STEPS real steps compile the step at each training length, again with the loop on (the timed
+    run compiles nothing), then weights, optimizer state and the data stream are restored."""
     opt = Optimizers(model, h, ctx.world)
     if h.WARMUP_STEPS == 0:
         return opt, loader_fn()
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_opt = opt.state()
     loader = loader_fn()
-    for looping in (False, True) if h.NUM_LOOPS else (False,):
+    lengths = [L for L, _ in h.seq_schedule]
+    for looping, L in itertools.product((False, True) if h.NUM_LOOPS else (False,), lengths):
         model.looping = looping
         for i in range(h.WARMUP_STEPS):
-            train_step(model_c, loader, opt, h, ctx, i, 1.0)
-            ctx.log(f"{'loop_' if looping else ''}warmup_step:{i + 1}/{h.WARMUP_STEPS}")
+            train_step(model_c, loader, opt, h, ctx, i, 1.0, L)
+            ctx.log(f"{'loop_' if looping else ''}warmup_step:{i + 1}/{h.WARMUP_STEPS}"
+                    + (f" seq_len:{L}" if len(lengths) > 1 else ""))
     model.looping = False
     model.load_state_dict(saved_model)
     opt.load_state(saved_opt)
@@ -1510,6 +1567,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, va
                 f"effective={budget.train_ms:.0f}ms")
         ctx.log(f"gptq_solve_estimate:{budget.gptq_ms:.0f}ms")
     clock, step, progress = Clock(ctx), 0, Progress()
+    seq_len, changed_at = train_seq_len(h, 0.0), -h.SEQ_CHANGE_WARMUP_STEPS  # no ramp at the start
     clock.start()
     while True:
         last_step = step == budget.stop_at
@@ -1525,8 +1583,11 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, va
         if h.NUM_LOOPS and not model.looping and frac >= h.ENABLE_LOOPING_AT:
             model.looping = True
             ctx.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
-        lr_mult = lr_multiplier(h, step, elapsed, budget.train_ms)
-        train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult)
+        if train_seq_len(h, frac) != seq_len:
+            seq_len, changed_at = train_seq_len(h, frac), step
+            ctx.log(f"train_seq_len:switch step:{step} frac:{frac:.3f} seq_len:{seq_len}")
+        lr_mult = lr_multiplier(h, step, elapsed, budget.train_ms) * seq_change_ramp(h, step - changed_at)
+        train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult, seq_len)
         step += 1
         averages.update(step, lr_mult, ctx)
         if step == budget.next_sync:
@@ -1554,7 +1615,6 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, va
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 PASSTHROUGH_MAX = 65_536  # tensors this small (scales, gates, small projections) stay fp16
 AWQ_GROUP = 64  # AWQ-lite promotes 64-column groups
-LQER_GROUP = 64  # LQER's B factor: one scale per 64 values
 
 
 def unbank(state: dict[str, Tensor], n: int) -> dict[str, Tensor]:
@@ -1596,9 +1656,10 @@ def observing(model: GPT, fn):
 
 @torch.no_grad()
 def collect_hessians(model: GPT, loader, h: Hyperparameters, ctx: Context, clock: Clock, budget: Budget):
-    """X^T X of every quantized matmul's input over training batches, summed over ranks. A batch is taken
-    only if, at CALIB_BATCH_MARGIN times the mean batch so far (before the first: its share of the reserve),
-    it ends before the budget's calibration deadline."""
+    """X^T X of every quantized matmul's input over training batches, summed over ranks (and over a looped
+    layer's passes: its weights act once per pass). A batch is taken only if, at CALIB_BATCH_MARGIN times
+    the mean batch so far (before the first: its share of the reserve), it ends before the budget's
+    calibration deadline."""
     hess: dict[str, Tensor] = {}
 
     def observe(site, x):
@@ -1680,12 +1741,26 @@ def row_scales(W: Tensor, qmax: int, sigmas: float = 0.0) -> Tensor:
     return fp16_scale(clips / qmax).float()
 
 
-def awq_groups(W: Tensor, H: Tensor, top_k: int) -> Tensor:
-    """AWQ-lite (PR #1908): the top_k 64-column groups by activation RMS x mean |w|, kept at int8."""
+def awq_scores(W: Tensor, H: Tensor) -> Tensor:
+    """AWQ-lite's saliency (PR #1908) of each whole 64-column group: activation RMS x mean |w|, summed (the
+    RMS over every use: a looped layer's Hessian sums its passes)."""
     n = W.size(1) // AWQ_GROUP
     saliency = H.diagonal().clamp_min(0).sqrt() * W.abs().mean(0)
-    score = saliency[:n * AWQ_GROUP].view(n, AWQ_GROUP).sum(1)
-    return torch.argsort(score, descending=True, stable=True)[:top_k].sort().values.to(torch.int16).cpu()
+    return saliency[:n * AWQ_GROUP].view(n, AWQ_GROUP).sum(1)
+
+
+def awq_pick(sites: dict[str, list[str]], state: dict, hessians: dict, h) -> dict[str, Tensor]:
+    """The AWQ_LITE_GROUP_TOP_K most salient groups of the whole model (#1945: one), among the GPTQ'd sites
+    under 8 bits; each site's picks (sorted int16 indices; its matrices share them)."""
+    ranked = []
+    for site, names in sites.items():
+        if site in hessians and quant_spec(names[0], h)[0] < 8:
+            scores = awq_scores(torch.cat([state[n] for n in names]), hessians[site]).tolist()
+            ranked += [(-v, site, g) for g, v in enumerate(scores)]
+    picked = {}
+    for _, site, g in sorted(ranked)[:h.AWQ_LITE_GROUP_TOP_K]:
+        picked.setdefault(site, []).append(g)
+    return {site: torch.tensor(sorted(gs), dtype=torch.int16) for site, gs in picked.items()}
 
 
 def awq_multiplier(groups: Tensor, cols: int, qmax: int) -> Tensor:
@@ -1712,8 +1787,9 @@ def _best_per_row(Q: Tensor, scales: Tensor, err: Tensor) -> tuple[Tensor, Tenso
 
 
 def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128, damp: float = 0.01,
-                  sigmas: float = 0.0, awq_top_k: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """Full GPTQ (act-order, Cholesky inverse, 128-column blocks, damping) -> (codes, row scales, AWQ groups).
+                  sigmas: float = 0.0, awq: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Full GPTQ (act-order, Cholesky inverse, 128-column blocks, damping) -> (codes, row scales, AWQ groups:
+    `awq`'s, stepped at int8 inside the same solve).
     Every clip candidate is run (stacked as extra rows: rows are independent given H) and each row keeps
     the one with the lowest Hessian-weighted error (w - q s) H (w - q s)^T. H = None: plain rounding."""
     if H is None:
@@ -1723,7 +1799,7 @@ def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128,
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W = W.masked_fill(dead[None, :], 0.0)
-    groups = awq_groups(W, H, awq_top_k)
+    groups = awq if awq is not None else torch.zeros(0, dtype=torch.int16)
     perm = torch.argsort(H.diagonal(), descending=True)
     mult = awq_multiplier(groups, cols, qmax).to(W.device)[perm]
     Hp = H[perm][:, perm]
@@ -1739,25 +1815,27 @@ def gptq_quantize(W: Tensor, H: Tensor | None, qmax: int = 31, block: int = 128,
     return q[:, torch.argsort(perm)], s, groups
 
 
-def lqer_factors(E: Tensor, rank: int) -> dict[str, Tensor]:
+def lqer_factors(E: Tensor, rank: int, group: int) -> dict:
     """LQER (PR #1797/#1855): the rank-r SVD of the quantization error E ~ A B, A = U S at int2 (codes -2..1,
-    one scale), B = V^T at int4 (codes -8..7, one scale per 64 values): a few KB per matrix."""
+    one scale), B = V^T at int4 (codes -8..7, one scale per `group` values of B flattened): a few KB each."""
     U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
     r = min(rank, S.numel())
     A, B = U[:, :r] * S[:r], Vh[:r]
     sa = fp16_scale(A.abs().amax() / 1.5)
-    Bg = F.pad(B.flatten(), (0, -B.numel() % LQER_GROUP)).view(-1, LQER_GROUP)
+    Bg = F.pad(B.flatten(), (0, -B.numel() % group)).view(-1, group)
     sb = fp16_scale(Bg.abs().amax(1) / 7.5)
     qb = torch.clamp(torch.round(Bg / sb.float()[:, None]), -8, 7).flatten()[:B.numel()].view_as(B)
     qa = torch.clamp(torch.round(A / sa.float()), -2, 1).to(torch.int8)
-    return {"lqer_a": qa, "lqer_a_scale": sa.view(1), "lqer_b": qb.to(torch.int8), "lqer_b_scale": sb}
+    return {"lqer_a": qa, "lqer_a_scale": sa.view(1), "lqer_b": qb.to(torch.int8), "lqer_b_scale": sb,
+            "lqer_group": group}
 
 
 @dataclasses.dataclass
 class QEntry:
     """One tensor of the artifact: codes q (int8, |q| <= qmax) with fp16 row scales, or at 16 bits fp16
     `data`; AWQ-lite's column groups and LQER's factors if any. h_diag (not stored) marks GPTQ'd matrices,
-    among which LQER and pruning choose: H's diagonal, or ones where calibration gave no H."""
+    among which LQER and pruning choose: H's diagonal, or ones where calibration gave no H. lqer_group: values
+    per B scale (in the header, not a stream)."""
     bits: int
     q: Tensor | None = None
     scale: Tensor | None = None
@@ -1768,6 +1846,7 @@ class QEntry:
     lqer_b: Tensor | None = None
     lqer_b_scale: Tensor | None = None
     h_diag: Tensor | None = None
+    lqer_group: int = 0
 
     @property
     def qmax(self) -> int:
@@ -1787,7 +1866,7 @@ STORED_FIELDS = ("awq", "data", "lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scal
 
 def lqer_product(e: QEntry) -> Tensor:
     qb = e.lqer_b.float()
-    sb = e.lqer_b_scale.float().repeat_interleave(LQER_GROUP)[:qb.numel()].view_as(qb)
+    sb = e.lqer_b_scale.float().repeat_interleave(e.lqer_group)[:qb.numel()].view_as(qb)
     return (e.lqer_a.float() * e.lqer_a_scale.float()) @ (qb * sb)
 
 
@@ -1809,28 +1888,29 @@ def tensor_class(name: str) -> str:
     return "attn" if ".attn." in name else "mlp" if ".mlp." in name else "other"
 
 
-def quant_spec(name: str, h: Hyperparameters) -> tuple[int, float, int]:
-    """(bits, SDClip sigmas, AWQ-lite groups) of a matrix quantized with a Hessian, by tensor class."""
+def quant_spec(name: str, h: Hyperparameters) -> tuple[int, float]:
+    """(bits, SDClip sigmas) of a matrix quantized with a Hessian, by tensor class."""
     cls = tensor_class(name)
     if cls == "embed":
-        return h.EMBED_BITS, h.EMBED_CLIP_SIGMAS, 0
-    return h.MATRIX_BITS, h.ATTN_CLIP_SIGMAS if cls == "attn" else h.MLP_CLIP_SIGMAS, h.AWQ_LITE_GROUP_TOP_K
+        return h.EMBED_BITS, h.EMBED_CLIP_SIGMAS
+    return h.MATRIX_BITS, h.ATTN_CLIP_SIGMAS if cls == "attn" else h.MLP_CLIP_SIGMAS
 
 
-def add_lqer(entries: dict[str, QEntry], state: dict, rank: int, top_k: int) -> list[str]:
+def add_lqer(entries: dict[str, QEntry], state: dict, rank: int, top_k: int, group: int) -> list[str]:
     """LQER on the top_k GPTQ'd matrices by quantization error norm (as PR #1855 picks them)."""
     err = {n: state[n] - dequantize_entry(e) for n, e in entries.items() if e.is_gptq}
     top = sorted(err, key=lambda n: (-err[n].norm().item(), n))[:top_k]
     for n in top:
-        entries[n] = dataclasses.replace(entries[n], **lqer_factors(err[n], rank))
+        entries[n] = dataclasses.replace(entries[n], **lqer_factors(err[n], rank, group))
     return top
 
 
-def gptq_group(names: list[str], state: dict, H: Tensor | None, h: Hyperparameters) -> dict[str, QEntry]:
+def gptq_group(names: list[str], state: dict, H: Tensor | None, h: Hyperparameters,
+               awq: Tensor | None) -> dict[str, QEntry]:
     """The matrices that read one input (c_q, c_k, c_v) in one GPTQ pass: rows are independent given H."""
-    bits, sigmas, awq_top_k = quant_spec(names[0], h)
+    bits, sigmas = quant_spec(names[0], h)
     W = torch.cat([state[n] for n in names])
-    q, s, groups = gptq_quantize(W, H, qmax_of(bits), h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP, sigmas, awq_top_k)
+    q, s, groups = gptq_quantize(W, H, qmax_of(bits), h.GPTQ_BLOCK_SIZE, h.GPTQ_DAMP, sigmas, awq)
     h_diag = H.diagonal() if H is not None else torch.ones(W.size(1), device=W.device)
     sizes = [state[n].size(0) for n in names]
     return {n: QEntry(bits, q=qn.contiguous(), scale=sn.contiguous(), awq=groups if groups.numel() else None,
@@ -1853,18 +1933,19 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], h: Hyperparameters, 
             entries[name] = QEntry(8, q=q, scale=s)
         else:
             entries[name] = QEntry(16, data=W.half())
-    progress = Progress()
+    progress, awq = Progress(), awq_pick(sites, state, hessians, h)
+    awq_log = [f"{site}:{g}" for site, groups in awq.items() for g in groups.tolist()]
     for i, (site, names) in enumerate(sites.items()):
-        entries.update(gptq_group(names, state, hessians.get(site), h))
+        entries.update(gptq_group(names, state, hessians.get(site), h, awq.get(site)))
         if log and progress.due():
             ctx.log(f"gptq:progress sites:{i + 1}/{len(sites)} {time.perf_counter() - t0:.0f}s")
-    lqer = add_lqer(entries, state, h.LQER_RANK, h.LQER_TOP_K) if h.LQER_RANK else []
+    lqer = add_lqer(entries, state, h.LQER_RANK, h.LQER_TOP_K, h.LQER_ASYM_GROUP) if h.LQER_RANK else []
     ctx.sync()
     n_gptq = sum(len(names) for site, names in sites.items() if site in hessians)
     n_plain = sum(len(names) for names in sites.values()) - n_gptq
     if log:
         ctx.log(f"gptq:quantized {n_gptq} matrices with Hessians, {n_plain} without (clip-search rounding), "
-                f"{len(entries)} tensors, lqer:{lqer} in {time.perf_counter() - t0:.1f}s")
+                f"{len(entries)} tensors, lqer:{lqer} awq:{awq_log} in {time.perf_counter() - t0:.1f}s")
     return entries
 
 
@@ -1894,7 +1975,7 @@ def dequantize_state(entries: dict[str, QEntry], n_layers: int) -> dict[str, Ten
 # stream per group. Each group keeps the codec and byte transform that made it smallest, with the CRC-32 of
 # its raw bytes. No pickle: loading never executes code.
 ARTIFACT_MAGIC = b"PGOLF"
-ARTIFACT_VERSION = 6  # 4: per-group streams, AWQ/LQER; 5: bits per entry; 6: evaluation settings in meta
+ARTIFACT_VERSION = 7  # 4: per-group streams, AWQ/LQER; 5: bits per entry; 6: eval settings; 7: LQER groups
 CODECS = ("lzma", "zstd", "brotli", "zpaq")  # zpaq: ZPAQ level 5, as #1855's `lrzip -z`, in memory
 CODEC_PACKAGES = {"zstd": "zstandard", "brotli": "brotli", "zpaq": "zpaq"}  # pip package = module
 # ZPAQ compresses blocks in parallel: one per 4 MiB (not per core), so its bytes depend only on the data.
@@ -2001,6 +2082,7 @@ def pack(entries: dict[str, QEntry], config: dict, meta: dict, plan: dict | None
     groups = group_tensors(entries)
     best = compress_groups(groups, plan)
     header = {"config": config, "meta": meta, "bits": {n: e.bits for n, e in sorted(entries.items())},
+              "lqer_group": {n: e.lqer_group for n, e in sorted(entries.items()) if e.lqer_group},
               "groups": [{"group": g, "codec": b["codec"], "transform": b["transform"],
                           "tensors": [Spec(it.name, it.field, str(it.t.dtype), list(it.t.shape))
                                       for it in groups[g]],
@@ -2036,7 +2118,8 @@ def unpack_header(blob: bytes, source: str = "artifact") -> tuple[dict, int]:
 def unpack(blob: bytes, source: str = "artifact") -> tuple[dict, dict, dict[str, QEntry]]:
     """(config, meta, entries) from an artifact; anything corrupt or truncated is refused naming the part."""
     header, pos = unpack_header(blob, source)
-    entries = {name: QEntry(bits) for name, bits in header["bits"].items()}
+    entries = {name: QEntry(bits, lqer_group=header["lqer_group"].get(name, 0))
+               for name, bits in header["bits"].items()}
     groups = header["groups"]
     starts = list(itertools.accumulate([pos] + [g["bytes"] for g in groups]))  # each group's, then the end
     with ThreadPoolExecutor(max(len(groups), 1)) as ex:  # ZPAQ decodes at ~0.24 MB/s a thread
@@ -2367,12 +2450,20 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
 LORA_ADAM_EPS = 1e-10  # #1855's
 
 
+def chunk_size(h: Hyperparameters, tokens: int) -> int:
+    """A document's chunk: by #2014's TTT_SHORT_SCORE_FIRST_STEPS, that of the first length its tokens (its
+    BOS up to the next one: targets + 1) do not exceed, else TTT_CHUNK_SIZE."""
+    return next((c for n, c in h.short_chunks if tokens <= n), h.TTT_CHUNK_SIZE)
+
+
 def lora_row_lengths(h: Hyperparameters) -> list[int]:
-    """Lora TTT's padded row lengths, one compiled graph each: TTT_CHUNK_SIZE doubling, then the context."""
-    out = [h.TTT_CHUNK_SIZE]
-    while out[-1] < h.TTT_EVAL_SEQ_LEN:
-        out.append(min(2 * out[-1], h.TTT_EVAL_SEQ_LEN))
-    return out
+    """Lora TTT's padded row lengths, one compiled graph each: each chunk size doubling, then the context."""
+    out = set()
+    for c in {h.TTT_CHUNK_SIZE} | {c for _, c in h.short_chunks}:
+        while c < h.TTT_EVAL_SEQ_LEN:
+            out.add(c)
+            c *= 2
+    return sorted(out | {h.TTT_EVAL_SEQ_LEN})
 
 
 def row_length(lengths: list[int], n: int) -> int:
@@ -2398,24 +2489,28 @@ def doc_pieces(docs: np.ndarray, L: int) -> np.ndarray:
 
 class DocPlan:
     """Lora TTT's order, the same at any world size. Documents go longest first (ties in stream order) in
-    batches of TTT_BATCH_SIZE. Pause p comes after the batch holding document PHASED_TTT_PREFIX_DOCS * p /
-    PHASED_TTT_NUM_PHASES of that order, when every earlier batch is scored; it trains on all of them.
-    Scoring step first_step[q] + c is chunk c of batch q. cost: work units (row tokens through forward and
-    backward) of each batch and pause, to share batches out and to project the pass's time."""
+    batches of up to TTT_BATCH_SIZE that share a chunk size (chunk[q]). Pause p comes after the batch holding
+    document PHASED_TTT_PREFIX_DOCS * p / PHASED_TTT_NUM_PHASES of that order, when every earlier batch is
+    scored; it trains on all of them. Scoring step first_step[q] + c is chunk c of batch q. cost: work units
+    (row tokens through forward and backward) of each batch and pause, to share batches out and to project
+    the pass's time."""
 
     def __init__(self, docs: np.ndarray, h: Hyperparameters, lengths: list[int]):
-        R, C = h.TTT_BATCH_SIZE, h.TTT_CHUNK_SIZE
-        n = len(docs)
+        R, L = h.TTT_BATCH_SIZE, h.TTT_EVAL_SEQ_LEN
         self.docs = docs[np.argsort(-docs[:, 1], kind="stable")]
-        self.R, self.n_batches = R, ceil_div(n, R)
+        n = len(self.docs)
+        sizes = np.array([chunk_size(h, t + 1) for t in self.docs[:, 1]], dtype=np.int64)
+        cuts = [0, *(np.flatnonzero(np.diff(sizes)) + 1), n]  # the runs of one chunk size
+        self.bounds = np.array([*(s for a, b in zip(cuts, cuts[1:]) for s in range(a, b, R)), n])
+        self.chunk, self.n_batches = sizes[self.bounds[:-1]], len(self.bounds) - 1
         phases, prefix = h.PHASED_TTT_NUM_PHASES, min(h.PHASED_TTT_PREFIX_DOCS, n)
-        ends = {ceil_div(prefix * (p + 1) // phases, R) for p in range(phases)}
+        ends = {int(np.searchsorted(self.bounds, prefix * (p + 1) // phases)) for p in range(phases)}
         self.ends = sorted(e for e in ends if 0 < e < self.n_batches)  # no pause with nothing before or after
-        top = ceil_div(self.docs[::R, 1], C)  # chunks of each batch (its first document is its longest)
+        top = ceil_div(self.docs[self.bounds[:-1], 1], self.chunk)  # chunks of each batch (longest first)
         self.first_step = np.cumsum(top) - top
-        rows = [row_length(lengths, min((c + 1) * C, h.TTT_EVAL_SEQ_LEN)) for c in range(top.max())]
-        self.cost = R * np.cumsum(rows)[top - 1].astype(np.float64)
-        L = h.TTT_EVAL_SEQ_LEN
+        rows = {C: np.cumsum([row_length(lengths, min((c + 1) * C, L)) for c in range(top.max())])
+                for C in set(self.chunk.tolist())}
+        self.cost = R * np.array([rows[C][t - 1] for C, t in zip(self.chunk, top)], dtype=np.float64)
         self.pause_cost = [len(doc_pieces(self.scored(e), L)) * L * h.GLOBAL_TTT_EPOCHS for e in self.ends]
 
     def rank_batches(self, lo: int, hi: int, world: int, rank: int) -> list[int]:
@@ -2434,11 +2529,11 @@ class DocPlan:
         return list(zip(bounds[:-1], bounds[1:]))
 
     def batch(self, q: int) -> np.ndarray:
-        return self.docs[q * self.R:(q + 1) * self.R]
+        return self.docs[self.bounds[q]:self.bounds[q + 1]]
 
     def scored(self, e: int) -> np.ndarray:
         """The documents of batches [0, e): what the pause after batch e - 1 trains on."""
-        return self.docs[:e * self.R]
+        return self.docs[:self.bounds[e]]
 
     def describe(self) -> str:
         n, b = len(self.docs), [len(self.scored(e)) for e in self.ends]
@@ -2461,7 +2556,8 @@ class LoraTTT:
         self.val, self.luts, self.dump = val_tokens, luts, dump
         self.h, self.ctx = h, ctx
         self.lora = Adapters(model, h, h.TTT_BATCH_SIZE).to(ctx.device)
-        self.opt = torch.optim.AdamW(self.lora.parameters(), lr=h.TTT_LORA_LR, eps=LORA_ADAM_EPS,
+        lr = h.TTT_LORA_LR * h.TTT_LOCAL_LR_MULT
+        self.opt = torch.optim.AdamW(self.lora.parameters(), lr=lr, eps=LORA_ADAM_EPS,
                                      betas=(h.TTT_BETA1, h.TTT_BETA2), weight_decay=h.TTT_WEIGHT_DECAY)
         self.meter, self.lengths = BpbMeter(ctx.device), lora_row_lengths(h)
         self.pause_rows = ceil_div(h.GLOBAL_TTT_BATCH_SEQS, ctx.world)
@@ -2489,11 +2585,11 @@ class LoraTTT:
         for p in list(self.model.parameters()) + list(self.lora.parameters()):
             p.grad = None
 
-    def rows(self, docs: np.ndarray, c: int):
-        """Chunk c of each document (a row): the window of up to TTT_EVAL_SEQ_LEN tokens ending at the chunk's
-        end, padded to a row length. Masks: the chunk's targets (scored), those of rows with a later chunk
-        (trained on). Padding rows and finished documents score nothing."""
-        h, C = self.h, self.h.TTT_CHUNK_SIZE
+    def rows(self, docs: np.ndarray, c: int, C: int):
+        """Chunk c (of C targets) of each document (a row): the window of up to TTT_EVAL_SEQ_LEN tokens ending
+        at the chunk's end, padded to a row length. Masks: the chunk's targets (scored), those of rows with a
+        later chunk (trained on). Padding rows and finished documents score nothing."""
+        h = self.h
         d = np.zeros((h.TTT_BATCH_SIZE, 2), dtype=np.int64)
         d[:len(docs)] = docs
         end = np.minimum((c + 1) * C, d[:, 1])  # document-relative
@@ -2508,21 +2604,21 @@ class LoraTTT:
         x, y = torch.where(valid, self.val[idx], 0), torch.where(valid, self.val[idx + 1], 0)
         return x, y, idx, scored, scored & (geo[:, 3:] > 0)
 
-    def score_batch(self, docs: np.ndarray, first_step: int, train: bool, keep_a: bool, seed: int):
-        """Scores the documents chunk by chunk; after each chunk (but a document's last) one Adam step on its
+    def score_batch(self, docs: np.ndarray, C: int, first_step: int, train: bool, keep_a: bool, seed: int):
+        """Scores the documents in chunks of C; after each chunk (but a document's last) one Adam step on its
         targets. Scores come from the forward before the step that trains on them."""
         self.lora.reset(keep_a, seed)
         self.opt.state.clear()
-        n_chunks = ceil_div(int(docs[:, 1].max()), self.h.TTT_CHUNK_SIZE)
+        n_chunks = ceil_div(int(docs[:, 1].max()), C)
         for c in range(n_chunks):
-            x, y, idx, scored, trained = self.rows(docs, c)
+            x, y, idx, scored, trained = self.rows(docs, c, C)
             with self.ctx.autocast():
                 nll = self.fn(x, y, self.lora)
             self.meter.add(nll.detach(), x, y, self.luts, scored)
             if self.dump is not None:
                 self.dump.add(idx, scored, nll, first_step + c)
             if train and c < n_chunks - 1:  # the longest document has a later chunk
-                ((nll * trained).sum() / self.h.TTT_CHUNK_SIZE).backward()  # per-row means, summed
+                ((nll * trained).sum() / C).backward()  # per-row means, summed
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
 
@@ -2606,7 +2702,8 @@ def eval_val_ttt_lora(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, du
         for k, q in enumerate(batches):
             keep_a = h.TTT_WARM_START_A and k > 0  # fresh A in each rank's first batch of a phase
             train = guard.keeps_adapting(q)
-            run.score_batch(plan.batch(q), int(plan.first_step[q]), train, keep_a, h.SEED + 1 + q)
+            run.score_batch(plan.batch(q), int(plan.chunk[q]), int(plan.first_step[q]), train, keep_a,
+                            h.SEED + 1 + q)
             guard.done += plan.cost[q]
             if ctx.master and progress.due():  # rank 0's running numbers (the others' would be discarded)
                 rl, rb = run.meter.result(reduce=False)
@@ -2714,6 +2811,8 @@ def load_eval_model(path: str, h: Hyperparameters, ctx: Context) -> tuple[GPT, d
     model = build_model(h, ctx)
     state = {k: v.to(ctx.device) for k, v in dequantize_state(entries, h.NUM_LAYERS).items()}
     model.load_state_dict(state, strict=True)
+    if h.ASYM_LOGIT_RESCALE:  # not trained with the model: TTT's full-weight SGD trains them (lora: pauses)
+        model.logit_caps = nn.Parameter(torch.full((2,), h.LOGIT_SOFTCAP, device=ctx.device))
     model.looping = h.NUM_LOOPS > 0
     model.eval()
     return model, meta
@@ -2760,6 +2859,8 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
         ttt_s = ms / 1000
     if h.TTT_ENABLED:
         ctx.log(f"ttt_eval_time:{ttt_s:.1f}s budget:{h.EVAL_BUDGET_SECONDS:.0f}s")
+    if model.logit_caps is not None:  # where TTT moved them
+        ctx.log("asym_logit_caps: pos:{:.6f} neg:{:.6f}".format(*model.logit_caps.tolist()))
     if dump is not None:
         dump.save(h.DUMP_TOKEN_NLL, ctx)
     log_compiled_graphs(ctx, "evaluation")

@@ -50,15 +50,19 @@ ADDED_SINCE_0EBBA41 = {"SLIDING_WINDOW_ENABLED", "TTT_MODE", "TTT_EVAL_SEQ_LEN",
                        "TTT_LORA_RANK", "TTT_LORA_ALPHA", "TTT_LORA_LR", "TTT_BETA1", "TTT_BETA2", "TTT_WEIGHT_DECAY",
                        "TTT_WARM_START_A", "TTT_Q_LORA", "TTT_K_LORA", "TTT_V_LORA", "TTT_O_LORA", "TTT_MLP_LORA",
                        "PHASED_TTT_NUM_PHASES", "PHASED_TTT_PREFIX_DOCS", "GLOBAL_TTT_LR", "GLOBAL_TTT_MOMENTUM",
-                       "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "GLOBAL_TTT_GRAD_CLIP"}
+                       "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_CHUNK_TOKENS", "GLOBAL_TTT_BATCH_SEQS", "GLOBAL_TTT_GRAD_CLIP",
+                       # issue 27 (the later rows), each with a default that leaves the old behaviour
+                       "LQER_ASYM_GROUP", "TRAIN_SEQ_SCHEDULE", "SEQ_CHANGE_WARMUP_STEPS", "ASYM_LOGIT_RESCALE",
+                       "TTT_SHORT_SCORE_FIRST_STEPS", "TTT_LOCAL_LR_MULT"}
 
 
 def test_every_preset_resolves_as_before_the_settings_table():
     """Every preset resolves to the settings, derived values and artifact config committed at 0ebba41, before
     the settings became one table. Intended changes: VE_ENABLED is gone, and VE_ENABLED=0 is now an empty
-    VE_LAYERS (as sp8192 sets it); the settings of ADDED_SINCE_0EBBA41 are new."""
+    VE_LAYERS (as sp8192 sets it); the settings of ADDED_SINCE_0EBBA41 are new, and so are the presets but
+    pr549 and sp8192 (whose other name is pr1855)."""
     before = json.loads((ROOT / "tests" / "fixtures" / "resolved_settings_0ebba41.json").read_text())
-    assert sorted(before) == sorted(tg.PRESETS)
+    assert sorted(before) == ["pr549", "sp8192"] and tg.PRESETS["sp8192"] is tg.PRESETS["pr1855"]
     for preset, want in before.items():
         for part in ("settings", "model_config"):
             if not want[part].pop("VE_ENABLED"):
@@ -530,7 +534,7 @@ def _train_worker(rank, world, port, env, out):
     opt = tg.Optimizers(model, h, world)
     loader = tg.DistributedTokenLoader(f"{h.DATA_PATH}/fineweb_train_*.bin", rank, world, "cpu", h.VOCAB_SIZE, h.SEED)
     for step in range(3):
-        tg.train_step(model, loader, opt, h, ctx, step, 1.0)
+        tg.train_step(model, loader, opt, h, ctx, step, 1.0, h.TRAIN_SEQ_LEN)
     if rank == 0:
         torch.save(model.state_dict(), out)
     if world > 1:

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def compiled_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
                        LOOP_END=1, ENABLE_LOOPING_AT=0, PARALLEL_START_LAYER=2, SMEAR_GATE="bos",
                        SPARSE_ATTN_GATE_ENABLED=1, SKIP_GATES_ENABLED=1, MUON_ROW_NORMALIZE=1, MUON_POLAR_EXPRESS=1, TTT_BATCH_SEQS=3, EVAL_BATCH_SEQS=16,
                        TTT_CHUNK_TOKENS=256, MAX_WALLCLOCK_SECONDS=3600, GPTQ_RESERVE_SECONDS=5, EVAL_BUDGET_SECONDS=10**6,
-                       RUN_ID=f"c{flag}")
+                       TRAIN_SEQ_SCHEDULE="16@1e-6,32@1", RUN_ID=f"c{flag}")
         r = run_script(d, env, nproc=2, timeout=900)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
         out[flag] = (d / "logs" / f"c{flag}.txt").read_text().split("=" * 100)[-1]
@@ -40,14 +41,18 @@ def compiled_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_compiled_pipeline_needs_four_graphs_and_matches_eager(compiled_runs):
-    """Train step unlooped and looped (both compiled in the warm-up, none in the timed loop), eval batch and
-    TTT step: 4 graphs per rank, no graph break, the same numbers as eager."""
+def test_compiled_pipeline_needs_six_graphs_and_matches_eager(compiled_runs):
+    """Train step unlooped and looped at both lengths of TRAIN_SEQ_SCHEDULE (all compiled in the warm-up, none in
+    the timed loop, which switches from 16 to 32 tokens at the first clock sync), eval batch and TTT step: 6
+    graphs per rank, no graph break, the same numbers as eager."""
     log, eager = compiled_runs["1"], compiled_runs["0"]
-    assert re.search(r"^compile:graphs:2 graph_breaks:0 recompile_limit:32 after:warmup$", log, re.M), log[-3000:]
+    assert re.search(r"^compile:graphs:4 graph_breaks:0 recompile_limit:32 after:warmup$", log, re.M), log[-3000:]
     assert re.search(r"^layer_loop:enabled step:0 ", log, re.M)
-    assert re.search(r"^compile:graphs:3 graph_breaks:0 recompile_limit:32 after:training$", log, re.M)
-    assert re.search(r"^compile:graphs:4 graph_breaks:0 recompile_limit:32 after:evaluation$", log, re.M)
+    assert re.search(r"^loop_warmup_step:2/2 seq_len:32$", log, re.M)
+    for run in (log, eager):
+        assert re.search(r"^train_seq_len:switch step:10 frac:[\d.]+ seq_len:32$", run, re.M)  # the first sync
+    assert re.search(r"^compile:graphs:5 graph_breaks:0 recompile_limit:32 after:training$", log, re.M)
+    assert re.search(r"^compile:graphs:6 graph_breaks:0 recompile_limit:32 after:evaluation$", log, re.M)
     assert "compile:" not in eager and "ttt:budget_stop" not in log
     assert re.search(r"^ttt_sliding:params unfrozen=\d+ frozen=7348$", log, re.M)
     assert re.search(r"^gptq_solve_estimate:\d+ms$", log, re.M) and re.search(r"^gptq:done train_time:\d+ms$", log, re.M)
@@ -217,14 +222,15 @@ def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, *
     h = tg.Hyperparameters(tiny_env(tiny_tokenizer, tiny_data, **{"WARMUP_STEPS": 0, "VAL_LOSS_EVERY": 0, **over}))
     ctx = tg.Context(h)
     val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", 32, 320)
-    marks, lrs = [], []
+    marks, lrs, lengths = [], [], []
     real_step = tg.train_step
 
-    def step(model_c, loader, opt, h_, ctx_, i, lr_mult):
+    def step(model_c, loader, opt, h_, ctx_, i, lr_mult, seq_len):
         marks.append(syncs.count if syncs else 0)
         lrs.append(lr_mult)
+        lengths.append(seq_len)
         StepClock.steps[0] += 1
-        return real_step(model_c, loader, opt, h_, ctx_, i, lr_mult)
+        return real_step(model_c, loader, opt, h_, ctx_, i, lr_mult, seq_len)
 
     monkeypatch.setattr(tg, "train_step", step)
     if syncs:
@@ -234,6 +240,7 @@ def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, *
             tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, luts)
     else:
         tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, luts)
+    _train.lengths = lengths
     return marks, lrs, (tmp_path / "logs" / f"{h.RUN_ID}.txt").read_text().split("=" * 100)[-1]
 
 
@@ -256,6 +263,70 @@ def test_wallclock_stop_and_lr_follow_the_agreed_clock(tiny_tokenizer, tiny_data
     assert lrs == pytest.approx([1.0] * 12 + [0.75, 0.5, 0.25])
     assert re.search(r"^step:15/100 val_loss:\S+ val_bpb:\S+ train_time:1500ms", log, re.M)
     assert re.search(r"^stopping_early: wallclock_cap train_time:1500ms step:15/100$", log, re.M)
+
+
+def test_progressive_context_switches_at_the_agreed_step_with_an_lr_ramp(tiny_tokenizer, tiny_data, luts, tmp_path,
+                                                                          monkeypatch):
+    """TRAIN_SEQ_SCHEDULE=16@0.5,32@1.0 at 100 ms per step and a 1.5 s budget: the agreed clock first says 1000 ms
+    (share 0.67) at step 10, so steps 0-9 run 16-token rows and steps 10-14 32-token rows (the same tokens per step,
+    every rank: the share is the agreed clock's); the LR ramps over SEQ_CHANGE_WARMUP_STEPS=3 steps after it."""
+    StepClock.steps[0] = 0
+    monkeypatch.setattr(tg, "Clock", StepClock)
+    _, lrs, log = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=0,
+                         MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, TRAIN_LOG_EVERY=0,
+                         TRAIN_SEQ_SCHEDULE="16@0.5,32@1.0", SEQ_CHANGE_WARMUP_STEPS=3)
+    assert _train.lengths == [16] * 10 + [32] * 5
+    assert lrs == pytest.approx([1.0] * 10 + [1 / 3, 2 / 3, 1.0, 1.0, 1.0])
+    assert re.search(r"^train_seq_len:switch step:10 frac:0.667 seq_len:32$", log, re.M)
+
+
+def _schedule_worker(rank, world, port, env, out):
+    """train_model on one of `world` gloo ranks whose clocks disagree: rank r's reads (r + 1) x 100 ms per step.
+    Writes the sequence length of each of its training steps."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    h = tg.Hyperparameters(env)
+    ctx = tg.Context(h)
+    lengths, real_step = [], tg.train_step
+
+    def step(model_c, loader, opt, h_, ctx_, i, lr_mult, seq_len):
+        lengths.append(seq_len)
+        return real_step(model_c, loader, opt, h_, ctx_, i, lr_mult, seq_len)
+
+    class RankClock(tg.Clock):
+        def ms(self) -> float:
+            return 100.0 * (rank + 1) * len(lengths)
+
+    tg.train_step, tg.Clock = step, RankClock
+    sp = tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
+    val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", h.EVAL_SEQ_LEN, h.VOCAB_SIZE)
+    tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, tg.build_sentencepiece_luts(sp, 320, "cpu"))
+    Path(f"{out}.{rank}").write_text(" ".join(map(str, lengths)))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_progressive_context_switches_at_the_same_step_on_every_rank(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
+    """2 gloo ranks whose clocks disagree (100 and 200 ms per step): the agreed clock (the slower) decides, so both
+    switch from 16 to 32 tokens at step 10 (2000 of 3500 ms: share 0.57 >= 0.5; rank 0's own clock would say
+    0.29) and stop together at step 17."""
+    monkeypatch.chdir(tmp_path)
+    env = tiny_env(tiny_tokenizer, tiny_data, WARMUP_STEPS=0, ITERATIONS=100, MAX_WALLCLOCK_SECONDS=4,
+                   GPTQ_RESERVE_SECONDS=0.5, TRAIN_LOG_EVERY=0, TRAIN_SEQ_SCHEDULE="16@0.5,32@1.0")
+    torch.multiprocessing.spawn(_schedule_worker, args=(2, free_port(), env, tmp_path / "lengths"), nprocs=2,
+                                join=True)
+    runs = [(tmp_path / f"lengths.{r}").read_text().split() for r in (0, 1)]
+    assert runs[0] == runs[1] == ["16"] * 10 + ["32"] * 7
+
+
+def test_progressive_context_without_a_cap_follows_the_step_share_and_checks_the_batch(tiny_tokenizer, tiny_data):
+    """Uncapped, the share is step / ITERATIONS; every length of the schedule must divide the rank's batch."""
+    h = tg.Hyperparameters(tiny_env(tiny_tokenizer, tiny_data, TRAIN_SEQ_SCHEDULE="8@0.25,16@0.5,32@1"))
+    assert [tg.train_seq_len(h, s / 12) for s in range(12)] == [8] * 3 + [16] * 3 + [32] * 6
+    bad = tg.Hyperparameters(tiny_env(tiny_tokenizer, tiny_data, TRAIN_SEQ_SCHEDULE="24@0.5,32@1"))
+    with pytest.raises(ValueError, match=r"TRAIN_BATCH_TOKENS=1024 must be a multiple of .*sequence length 24"):
+        tg.local_batch_tokens(bad, Ctx())
 
 
 @pytest.mark.parametrize("step, elapsed, stop, sync", [(10, 1000.0, 100, 20), (10, 1600.0, 100, 11), (10, 3450.0, 10, 11),

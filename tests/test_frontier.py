@@ -29,6 +29,58 @@ def test_preset_sets_the_records_values_and_explicit_env_wins():
         tg.Hyperparameters({"PRESET": "sp1024x"})
 
 
+# Each accepted record's values, from its seed logs' hyperparameter blocks (the #1945 row: commit 70067534);
+# what a preset lacks is in README (Presets). #1855's first, then each row's changes.
+R1855 = dict(VOCAB_SIZE=8192, NUM_LAYERS=11, MODEL_DIM=512, MLP_MULT=4.0, QK_GAIN_INIT=5.0, LOGIT_SOFTCAP=30.0,
+             NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, ENABLE_LOOPING_AT=0.35, PARALLEL_START_LAYER=8, XSA_LAST_N=11,
+             SPARSE_ATTN_GATE_SCALE=0.5, ROPE_DIMS=16, ROPE_BASE=10000.0, MATRIX_LR=0.026, SCALAR_LR=0.02,
+             TIED_EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM_WARMUP_STEPS=1500,
+             MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA1=0.9, BETA2=0.99, EMA_DECAY=0.9965, WARMDOWN_FRAC=0.85,
+             MIN_LR=0.1, GRAD_CLIP_NORM=0.3, TRAIN_SEQ_LEN=2048, TRAIN_SEQ_SCHEDULE="", TRAIN_BATCH_TOKENS=786_432,
+             GPTQ_CALIB_BATCHES=16, LQER_RANK=4, LQER_TOP_K=3, LQER_ASYM_GROUP=64, ATTN_CLIP_SIGMAS=13.0,
+             MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0, EMBED_BITS=7, MATRIX_BITS=6, AWQ_LITE_GROUP_TOP_K=0,
+             SLIDING_WINDOW_ENABLED=False,
+             ASYM_LOGIT_RESCALE=False, TTT_MODE="lora", TTT_EVAL_SEQ_LEN=2048, TTT_CHUNK_SIZE=48,
+             TTT_SHORT_SCORE_FIRST_STEPS="", TTT_BATCH_SIZE=64, TTT_LORA_RANK=80, TTT_LORA_ALPHA=144.0,
+             TTT_LORA_LR=1e-4, TTT_LOCAL_LR_MULT=1.0, TTT_BETA1=0.0, TTT_BETA2=0.99, TTT_WEIGHT_DECAY=0.5,
+             TTT_WARM_START_A=True, TTT_Q_LORA=True, TTT_K_LORA=True, TTT_V_LORA=True, TTT_O_LORA=True,
+             TTT_MLP_LORA=True, PHASED_TTT_NUM_PHASES=3, PHASED_TTT_PREFIX_DOCS=2500, GLOBAL_TTT_LR=1e-3,
+             GLOBAL_TTT_MOMENTUM=0.9, GLOBAL_TTT_EPOCHS=1, GLOBAL_TTT_CHUNK_TOKENS=32768, GLOBAL_TTT_BATCH_SEQS=32,
+             GLOBAL_TTT_GRAD_CLIP=1.0)
+R1945 = {**R1855, "ASYM_LOGIT_RESCALE": True, "AWQ_LITE_GROUP_TOP_K": 1}
+R1953 = {**R1945, "QK_GAIN_INIT": 5.25, "EVAL_SEQ_LEN": 2560, "TTT_EVAL_SEQ_LEN": 2560, "TTT_Q_LORA": False,
+         "TTT_V_LORA": False, "TTT_LOCAL_LR_MULT": 0.75}
+R2014 = {**R1953, "TRAIN_SEQ_LEN": 3072, "TRAIN_SEQ_SCHEDULE": "1024@0.1,2048@0.7,3072@1.0",
+         "SEQ_CHANGE_WARMUP_STEPS": 32, "TTT_EVAL_SEQ_LEN": 3072, "TTT_SHORT_SCORE_FIRST_STEPS": "256:8,2000:24",
+         "TTT_BATCH_SIZE": 24, "PHASED_TTT_NUM_PHASES": 1, "EVAL_SEQ_LEN": 2048}  # 2048: see README (Presets)
+R2135 = {**R1945, "AWQ_LITE_GROUP_TOP_K": 0, "MATRIX_LR": 0.028, "GPTQ_CALIB_BATCHES": 32, "LQER_ASYM_GROUP": 32, "EVAL_SEQ_LEN": 2560,
+         "TTT_EVAL_SEQ_LEN": 2560, "TTT_LORA_LR": 8e-5, "TTT_WEIGHT_DECAY": 2.0, "TTT_K_LORA": False,
+         "PHASED_TTT_NUM_PHASES": 1}
+RECORDS = {"pr1855": R1855, "sp8192": R1855, "pr1945": R1945, "pr1953": R1953, "pr2014": R2014, "pr2135": R2135}
+
+
+@pytest.mark.parametrize("preset", list(RECORDS))
+def test_each_preset_resolves_to_its_records_values(preset):
+    h = tg.Hyperparameters({"PRESET": preset})
+    assert {k: getattr(h, k) for k in RECORDS[preset]} == RECORDS[preset]
+    assert h.rope_base == 10000.0 and sum(p.numel() for p in tg.GPT(h).parameters()) == count_params_from_shapes(h)
+    assert set(tg.PRESETS) == {"pr549", *RECORDS}
+
+
+def test_rope_past_the_training_length_keeps_the_first_positions():
+    """#1953/#2014 score at 2560/3072 tokens: RoPE's tables and rotations for the first 2048 positions are the
+    same bits at 2048 and at 3072 (a fixed base, no rescaling), and the eval context never changes the base."""
+    r = tg.Rotary(16, tg.Hyperparameters({"PRESET": "pr2014"}).rope_base)
+    (c2, s2), (c3, s3) = r.cos_sin(2048), r.cos_sin(3072)
+    assert torch.equal(c3[:2048], c2) and torch.equal(s3[:2048], s2)
+    x = torch.randn(1, 3072, 2, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(r(x)[:, :2048], r(x[:, :2048]))
+    for preset in ("pr549", "pr1855"):
+        bases = {tg.Hyperparameters({"PRESET": preset, "EVAL_SEQ_LEN": str(L), "TTT_EVAL_SEQ_LEN": str(L)}).rope_base
+                 for L in (2048, 2560, 3072)}
+        assert len(bases) == 1, (preset, bases)
+
+
 def test_sp8192_preset_builds_the_records_model():
     """PR #1855 logs 35,945,671 parameters: ours minus the 48 lane scalars it allocates for layers 0-7 and
     never uses (its lanes start at layer 8)."""
@@ -49,6 +101,16 @@ def test_sp8192_preset_builds_the_records_model():
     ({"SMEAR_GATE": "dynamic"}, "SMEAR_GATE"),
     ({"MIN_LR": "-0.1"}, "MIN_LR"),
     ({"LOOP_STRAT": "3"}, "LOOP_STRAT"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,2048"}, "TRAIN_SEQ_SCHEDULE='1024@0.5,2048': must be comma-separated pairs"),
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,2048@0.9"}, "TRAIN_SEQ_SCHEDULE.*increase to 1.0"),  # not to the end
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.5,4096@1.0"}, "TRAIN_SEQ_SCHEDULE.*TRAIN_SEQ_LEN"),  # ends at another length
+    ({"TRAIN_SEQ_SCHEDULE": "1024@0.7,2048@0.5,3072@1"}, "TRAIN_SEQ_SCHEDULE.*increase"),
+    ({"TRAIN_SEQ_SCHEDULE": "2048@0.5,1024@1"}, "TRAIN_SEQ_SCHEDULE.*increasing"),
+    ({"TTT_SHORT_SCORE_FIRST_STEPS": "256:0"}, "TTT_SHORT_SCORE_FIRST_STEPS.*> 0"),
+    ({"TTT_SHORT_SCORE_FIRST_STEPS": "256:8;2000:24"}, "TTT_SHORT_SCORE_FIRST_STEPS"),
+    ({"TTT_SHORT_SCORE_FIRST_STEPS": "256:4096"}, "TTT_SHORT_SCORE_FIRST_STEPS.*<= TTT_EVAL_SEQ_LEN"),
+    ({"TTT_LOCAL_LR_MULT": "0"}, "TTT_LOCAL_LR_MULT"),
+    ({"LQER_ASYM_GROUP": "0"}, "LQER_ASYM_GROUP"),
 ])
 def test_bad_frontier_settings_fail_naming_the_variable(env, needle):
     with pytest.raises(ValueError, match=needle):
@@ -297,3 +359,16 @@ def test_frontier_preset_learns_real_text(tmp_path):
     vals = [float(v) for v in re.findall(r"^step:\d+/30 val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M)]
     assert len(vals) == 2 and vals[1] < vals[0] - 0.5, vals
     assert re.search(r"^layer_loop:enabled step:11 ", log, re.M)  # ceil(0.35 * 30)
+
+
+def test_reevaluating_under_a_scheduled_preset_adopts_the_artifacts_training_length(tmp_path):
+    """PRESET=pr2014 (its schedule ends at 3072) re-evaluating an artifact trained at 2048 without a schedule:
+    both are adopted from the artifact together, so the settings stay consistent; the log names them."""
+    run = tg.Hyperparameters({"PRESET": "pr1855"})
+    meta = {"eval": {k: getattr(run, k) for k in tg.EVAL_KEYS}}
+    path = tmp_path / "a.ptz"
+    tg.write_atomic(str(path), tg.pack({}, tg.model_config(run), meta)[0])
+    h, ctx = tg.Hyperparameters({"PRESET": "pr2014"}), FakeCtx()
+    tg.adopt_artifact_settings(str(path), h, ctx)
+    assert h.TRAIN_SEQ_LEN == 2048 and h.seq_schedule == [(2048, 1.0)] and h.TTT_EVAL_SEQ_LEN == 2048
+    assert any(re.match(r"eval_setting:from_artifact .*TRAIN_SEQ_LEN=2048 TRAIN_SEQ_SCHEDULE=$", m) for m in ctx.logs)

@@ -57,7 +57,7 @@ SCHEMES = {
     "sdclip": SDCLIP,
     "embed_int7": dict(EMBED_BITS=7),
     "matrix_int5": dict(MATRIX_BITS=5),
-    "awq": dict(AWQ_LITE_GROUP_TOP_K=1),
+    "awq": dict(AWQ_LITE_GROUP_TOP_K=4),  # #1945 promotes 1; 4 here spreads them over several matrices
     "lqer": dict(LQER_RANK=4, LQER_TOP_K=3),
     "all": SDCLIP | dict(EMBED_BITS=7, MATRIX_BITS=5, AWQ_LITE_GROUP_TOP_K=1, LQER_RANK=4, LQER_TOP_K=3),
 }
@@ -83,8 +83,8 @@ def kind(e: tg.QEntry) -> str:
 
 
 def fields(e: tg.QEntry) -> list[str]:
-    """The fields an entry has set (h_diag, which is not stored, included)."""
-    return sorted(f.name for f in dataclasses.fields(e) if f.name != "bits" and getattr(e, f.name) is not None)
+    """The tensor fields an entry has set (h_diag, which is not stored, included)."""
+    return sorted(f.name for f in dataclasses.fields(e) if isinstance(getattr(e, f.name), torch.Tensor))
 
 
 def hess_key(name: str) -> str | None:
@@ -111,9 +111,9 @@ def base_dequant(e: tg.QEntry) -> torch.Tensor:
 
 
 def lqer_dequant(e: tg.QEntry) -> torch.Tensor:
-    """(qa * sa) @ (qb * sb), one B scale per 64 values of the flattened B (written out here)."""
+    """(qa * sa) @ (qb * sb), one B scale per lqer_group values of the flattened B (written out here)."""
     qb = e.lqer_b.float().flatten()
-    sb = torch.stack([e.lqer_b_scale.float()[i // 64] for i in range(qb.numel())])
+    sb = torch.stack([e.lqer_b_scale.float()[i // e.lqer_group] for i in range(qb.numel())])
     return (e.lqer_a.float() * e.lqer_a_scale.float()) @ (qb * sb).view_as(e.lqer_b)
 
 
@@ -130,7 +130,7 @@ def assert_entries_identical(a: dict, b: dict, with_cost: bool = False):
     assert sorted(a) == sorted(b)
     for name in a:
         ea, eb = a[name], b[name]
-        assert ea.bits == eb.bits and kind(ea) == kind(eb), name
+        assert ea.bits == eb.bits and ea.lqer_group == eb.lqer_group and kind(ea) == kind(eb), name
         fa, fb = ({f: getattr(x, f) for f in fields(x)} if with_cost else x.tensors() for x in (ea, eb))
         assert sorted(fa) == sorted(fb), name
         for f in fa:
@@ -256,14 +256,14 @@ def test_quantize_state_routes_every_tensor(calibrated, scheme):
     assert torch.equal(entries["tok_emb.weight"].q, q) and torch.equal(bits(entries["tok_emb.weight"].scale), bits(s))
     assert groups.numel() == 0 and not torch.equal(q, tg.quantize_rows(W, 127)[0])
     assert re.fullmatch(rf"gptq:quantized {6 * h.NUM_LAYERS + 1} matrices with Hessians, 0 without \(clip-search "
-                        rf"rounding\), {len(entries)} tensors, lqer:\[\] in [\d.]+s", log), log
+                        rf"rounding\), {len(entries)} tensors, lqer:\[\] awq:\[\] in [\d.]+s", log), log
 
 
 @pytest.mark.parametrize("name", SCHEMES)
 def test_every_scheme_quantizes_each_class_at_its_bits_and_clip(calibrated, scheme, name):
     """Kinds follow MATRIX_BITS / EMBED_BITS; codes stay within +-(2^(bits-1)-1) (AWQ columns within +-127) and
-    use that range; SDClip scales are fp16(sigmas * std(row) / qmax) with the class's sigmas; AWQ groups only on
-    matrices with a whole 64-column group, never on the embedding."""
+    use that range; SDClip scales are fp16(sigmas * std(row) / qmax) with the class's sigmas; AWQ_LITE_GROUP_TOP_K
+    groups in all, each a whole 64-column group of a GPTQ'd matrix."""
     _, _, hess, state = calibrated
     h, entries, _ = scheme(name)
     reached = set()
@@ -283,25 +283,24 @@ def test_every_scheme_quantizes_each_class_at_its_bits_and_clip(calibrated, sche
         if sigmas:
             want = (sigmas * state[n].std(1, correction=0) / qmax).half()
             assert torch.equal(bits(e.scale), bits(want)), n
-        wants_awq = h.AWQ_LITE_GROUP_TOP_K > 0 and n != "tok_emb.weight" and e.q.size(1) >= 64
-        assert (e.awq is not None) == wants_awq, n
-        if wants_awq:
-            assert e.awq.dtype == torch.int16 and e.awq.numel() == min(h.AWQ_LITE_GROUP_TOP_K, e.q.size(1) // 64)
+        if e.awq is not None:
+            groups = e.awq.tolist()
+            assert e.awq.dtype == torch.int16 and groups == sorted(set(groups)) and max(groups) < e.q.size(1) // 64
     assert "tok_emb.weight" in reached and any(n != "tok_emb.weight" for n in reached)
-    assert any(e.awq is not None for e in entries.values()) == (h.AWQ_LITE_GROUP_TOP_K > 0)
+    promoted = {(hess_key(n), g) for n, e in entries.items() if e.awq is not None for g in e.awq.tolist()}
+    assert len(promoted) == h.AWQ_LITE_GROUP_TOP_K
     assert any(e.lqer_a is not None for e in entries.values()) == (h.LQER_RANK > 0)
 
 
-def test_quant_spec_gives_each_class_its_bits_sigmas_and_awq():
-    """(bits, SDClip sigmas, AWQ groups): the embedding has its own bits and sigmas and never AWQ; attention
-    and MLP matrices share MATRIX_BITS and AWQ_LITE_GROUP_TOP_K with their own sigmas."""
-    h = hparams(MATRIX_BITS=5, EMBED_BITS=7, ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0,
-                AWQ_LITE_GROUP_TOP_K=2)
-    assert tg.quant_spec("tok_emb.weight", h) == (7, 14.0, 0)
+def test_quant_spec_gives_each_class_its_bits_and_sigmas():
+    """(bits, SDClip sigmas): the embedding has its own; attention and MLP matrices share MATRIX_BITS with their
+    own sigmas."""
+    h = hparams(MATRIX_BITS=5, EMBED_BITS=7, ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0)
+    assert tg.quant_spec("tok_emb.weight", h) == (7, 14.0)
     for slot in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj"):
-        assert tg.quant_spec(f"blocks.1.{slot}.weight", h) == (5, 13.0, 2), slot
+        assert tg.quant_spec(f"blocks.1.{slot}.weight", h) == (5, 13.0), slot
     for slot in ("mlp.fc", "mlp.proj"):
-        assert tg.quant_spec(f"blocks.1.{slot}.weight", h) == (5, 11.5, 2), slot
+        assert tg.quant_spec(f"blocks.1.{slot}.weight", h) == (5, 11.5), slot
 
 
 # ---------------------------------------------------------------- the container
@@ -402,7 +401,9 @@ def test_one_layer_model_roundtrips(tmp_path):
 
 
 def strip(entries: dict, prefix: str) -> dict:
-    return {n: dataclasses.replace(e, **{f: None for f in fields(e) if f.startswith(prefix)}) for n, e in entries.items()}
+    blank = {"lqer_group": 0} if prefix == "lqer" else {}
+    return {n: dataclasses.replace(e, **{f: None for f in fields(e) if f.startswith(prefix)}, **blank)
+            for n, e in entries.items()}
 
 
 def test_lqer_rank_0_and_awq_top_k_0_add_nothing(calibrated, scheme, packed):
@@ -418,7 +419,7 @@ def test_lqer_rank_0_and_awq_top_k_0_add_nothing(calibrated, scheme, packed):
     ctx = Ctx()
     off = tg.quantize_state(model, hess, h, ctx)
     assert_entries_identical(seed, off, with_cost=True)
-    assert ", lqer:[] in " in ctx.logs[-1]
+    assert ", lqer:[] awq:[] in " in ctx.logs[-1]
     # records/tool.py's pattern still reads the line (count and seconds)
     assert re.match(r"gptq:(quantized|calibrated|generated) (\d+) .*? in ([\d.]+)s$", ctx.logs[-1])
     assert tg.pack(off, config_of(h), META, seed_report)[0] == seed_blob
@@ -551,7 +552,7 @@ def test_gptq_with_identity_hessian_is_round_to_nearest(sigmas):
     """gptq_quantize(W, I) == gptq_quantize(W, None) == an independent per-row RTN, exactly (no AWQ groups)."""
     W = torch.randn(20, 48, generator=torch.Generator().manual_seed(2))
     W[3, 7] = 9.0  # an outlier row, where a clipped candidate can win
-    q0, s0, g0 = tg.gptq_quantize(W, None, sigmas=sigmas, awq_top_k=2)
+    q0, s0, g0 = tg.gptq_quantize(W, None, sigmas=sigmas, awq=torch.tensor([0], dtype=torch.int16))
     q1, s1, g1 = tg.gptq_quantize(W, torch.eye(48), sigmas=sigmas)
     qr, sr = reference_rtn(W, 31, sigmas=sigmas)
     assert torch.equal(q0, q1) and torch.equal(s0, s1)
@@ -614,22 +615,26 @@ def test_sdclip_scale_and_round_to_nearest_error_bound(qmax, sigmas):
     assert torch.equal(qg, q) and torch.equal(bits(sg), bits(s))
 
 
+def independent_awq_scores(W: torch.Tensor, H: torch.Tensor) -> list[float]:
+    return [float(sum(H[c, c].sqrt() * W[:, c].abs().mean() for c in range(64 * g, 64 * (g + 1))))
+            for g in range(W.size(1) // 64)]
+
+
 def independent_awq_groups(W: torch.Tensor, H: torch.Tensor, top_k: int) -> list[int]:
-    n = W.size(1) // 64
-    score = [float(sum(H[c, c].sqrt() * W[:, c].abs().mean() for c in range(64 * g, 64 * (g + 1)))) for g in range(n)]
-    return sorted(sorted(range(n), key=lambda g: -score[g])[:top_k])
+    score = independent_awq_scores(W, H)
+    return sorted(sorted(range(len(score)), key=lambda g: -score[g])[:top_k])
 
 
 @pytest.mark.parametrize("sigmas", [0.0, 3.0])
 def test_awq_lite_error_bounds_with_identity_hessian(sigmas):
-    """AWQ-lite, H = I: the top-2 groups by mean |w| are promoted; there codes reach past qmax (up to 127) and
+    """AWQ-lite, H = I, groups 1 and 3 promoted: there codes reach past qmax (up to 127) and
     each unclipped value is within s*(qmax/127)/2, elsewhere within s/2; clipped values sit at +-qmax s;
     dequantize_entry multiplies the promoted columns' step."""
     g = torch.Generator().manual_seed(12)
     mag = torch.tensor([1.0, 3.0, 0.5, 2.0]).repeat_interleave(64)
     W = torch.randn(24, 256, generator=g) * mag
-    q, s, groups = tg.gptq_quantize(W, torch.eye(256), 31, sigmas=sigmas, awq_top_k=2)
-    assert groups.dtype == torch.int16 and groups.tolist() == [1, 3] == independent_awq_groups(W, torch.eye(256), 2)
+    q, s, groups = tg.gptq_quantize(W, torch.eye(256), 31, sigmas=sigmas, awq=torch.tensor([1, 3], dtype=torch.int16))
+    assert groups.dtype == torch.int16 and groups.tolist() == [1, 3]
     promoted = torch.zeros(256, dtype=torch.bool)
     promoted[64:128] = promoted[192:256] = True
     step = s.float()[:, None] * torch.where(promoted, 31 / 127, 1.0)[None, :]
@@ -664,32 +669,42 @@ def test_awq_lite_picks_groups_by_activation_rms_times_mean_abs_weight():
     by_w = sorted(sorted(range(5), key=lambda i: -float(W[:, 64 * i:64 * i + 64].abs().mean()))[:2])
     by_h = sorted(sorted(range(5), key=lambda i: -float(act[i] * W[:, 64 * i:64 * i + 64].abs().mean()))[:2])
     assert by_w != want and by_h != want  # the test tells the three saliencies apart
-    assert tg.awq_groups(W, H, 2).tolist() == want
-    assert tg.gptq_quantize(W, H, 31, awq_top_k=2)[2].tolist() == want
-    assert tg.awq_groups(W, H, 9).tolist() == [0, 1, 2, 3, 4] and tg.awq_groups(W, H, 0).numel() == 0
+    scores = tg.awq_scores(W, H)
+    torch.testing.assert_close(scores, torch.tensor(independent_awq_scores(W, H)), rtol=1e-5, atol=0)
+    assert sorted(torch.argsort(scores, descending=True)[:2].tolist()) == want
 
 
-def test_awq_lite_on_the_model_promotes_the_most_salient_group(calibrated, scheme):
-    """In the model, the promoted group of each matrix with two 64-column groups is the one with the larger
-    sqrt(H_cc) * mean |W_c| (over the matrices sharing the Hessian)."""
-    _, _, hess, state = calibrated
-    _, entries, _ = scheme("awq")
-    promoted = {n: e.awq.tolist() for n, e in entries.items() if e.awq is not None}
-    assert promoted and all(n.endswith("mlp.proj.weight") for n in promoted)
-    for n, groups in promoted.items():
-        assert groups == independent_awq_groups(state[n], hess[hess_key(n)], 1), n
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_awq_lite_on_the_model_promotes_its_most_salient_groups(calibrated, top_k):
+    """The AWQ_LITE_GROUP_TOP_K groups with the largest sqrt(H_cc) * mean |W_c| (over the matrices sharing the
+    Hessian) of the whole model, embedding included, are promoted, and no other."""
+    _, model, hess, state = calibrated
+    h = hparams(GPTQ_CALIB_BATCHES=2, AWQ_LITE_GROUP_TOP_K=top_k)
+    entries = tg.quantize_state(model, hess, h, Ctx())
+    sites = {}
+    for n in sorted(state):
+        if hess_key(n) is not None:
+            sites.setdefault(hess_key(n), []).append(n)
+    ranked = sorted((-v, site, g) for site, names in sites.items()
+                    for g, v in enumerate(independent_awq_scores(torch.cat([state[n] for n in names]), hess[site])))
+    want = {(site, g) for _, site, g in ranked[:top_k]}
+    got = {(hess_key(n), g) for n, e in entries.items() if e.awq is not None for g in e.awq.tolist()}
+    assert got == want and len(got) == top_k
+    for site, names in sites.items():  # a site's matrices share its groups
+        assert len({tuple(entries[n].awq.tolist()) if entries[n].awq is not None else () for n in names}) == 1
 
 
-@pytest.mark.parametrize("rows, cols, rank", [(48, 100, 4), (10, 7, 4), (20, 30, 50)])
-def test_lqer_factors_are_within_their_quantization_bounds(rows, cols, rank):
-    """LQER: A = U S (int2, codes -2..1, one scale) and B = V^T (int4, codes -8..7, one scale per 64 values of
+@pytest.mark.parametrize("rows, cols, rank, G", [(48, 100, 4, 64), (48, 100, 4, 32), (10, 7, 4, 64), (20, 30, 50, 32)])
+def test_lqer_factors_are_within_their_quantization_bounds(rows, cols, rank, G):
+    """LQER: A = U S (int2, codes -2..1, one scale) and B = V^T (int4, codes -8..7, one scale per G values of
     the flattened B, last group padded) are each within half a step of the SVD's factors (plus fp16 rounding
     of the scale); lqer_product is (qa sa)(qb sb); adding it shrinks the error."""
     g = torch.Generator().manual_seed(rows)
     E = torch.randn(rows, 3, generator=g) @ torch.randn(3, cols, generator=g) + 0.1 * torch.randn(rows, cols, generator=g)
-    f = tg.lqer_factors(E, rank)
+    f = tg.lqer_factors(E, rank, G)
     r = min(rank, rows, cols)
-    groups = -(-r * cols // 64)
+    groups = -(-r * cols // G)
+    assert f["lqer_group"] == G
     assert (f["lqer_a"].dtype, tuple(f["lqer_a"].shape)) == (torch.int8, (rows, r))
     assert (f["lqer_b"].dtype, tuple(f["lqer_b"].shape)) == (torch.int8, (r, cols))
     assert (f["lqer_a_scale"].dtype, tuple(f["lqer_a_scale"].shape)) == (torch.float16, (1,))
@@ -701,13 +716,13 @@ def test_lqer_factors_are_within_their_quantization_bounds(rows, cols, rank):
     sa = f["lqer_a_scale"].float()
     # the tightest scales that meet the bound: max |A| at 1.5 steps, each B group's max |B| at 7.5 steps
     assert torch.equal(bits(f["lqer_a_scale"]), bits((A.abs().max() / 1.5).half().view(1)))
-    Bmax = torch.stack([B.flatten()[64 * i:64 * (i + 1)].abs().max() for i in range(groups)])
+    Bmax = torch.stack([B.flatten()[G * i:G * (i + 1)].abs().max() for i in range(groups)])
     assert torch.equal(bits(f["lqer_b_scale"]), bits((Bmax / 7.5).half()))
     assert ((A - f["lqer_a"].float() * sa).abs() <= sa * (0.5 + 2 * 2 ** -11) + 1e-7).all()
     Bf, qb = B.flatten(), f["lqer_b"].float().flatten()
     for i in range(groups):
         sb = f["lqer_b_scale"][i].float()
-        part = slice(64 * i, 64 * (i + 1))
+        part = slice(G * i, G * (i + 1))
         assert ((Bf[part] - qb[part] * sb).abs() <= sb * (0.5 + 8 * 2 ** -11) + 1e-7).all(), i
     e = tg.QEntry(6, **f)
     torch.testing.assert_close(tg.lqer_product(e), lqer_dequant(e), rtol=1e-6, atol=1e-7)
@@ -728,7 +743,7 @@ def test_lqer_corrects_the_matrices_with_the_largest_error(calibrated, scheme, n
     _, _, _, state = calibrated
     h, entries, log = scheme(name)
     chosen = lqer_choice(entries, state, h.LQER_TOP_K)
-    assert f", lqer:{chosen} in " in log, log
+    assert f", lqer:{chosen} awq:" in log, log
     for n, e in entries.items():
         assert (e.lqer_a is not None) == (n in chosen), n
         if n not in chosen:
@@ -736,7 +751,8 @@ def test_lqer_corrects_the_matrices_with_the_largest_error(calibrated, scheme, n
             continue
         assert tuple(e.lqer_a.shape) == (e.q.size(0), h.LQER_RANK)
         before = state[n] - base_dequant(e)
-        want = tg.lqer_factors(before, h.LQER_RANK)
+        want = tg.lqer_factors(before, h.LQER_RANK, h.LQER_ASYM_GROUP)
+        assert want.pop("lqer_group") == e.lqer_group == h.LQER_ASYM_GROUP
         assert sorted(want) == [f for f in fields(e) if f.startswith("lqer")], n
         for f, t in want.items():
             got = getattr(e, f)
@@ -752,14 +768,14 @@ def test_add_lqer_picks_the_top_k_by_error_norm(calibrated, scheme):
     _, _, _, state = calibrated
     _, seed, _ = scheme("seed")
     entries = dict(seed)
-    top = tg.add_lqer(entries, state, 2, 5)
+    top = tg.add_lqer(entries, state, 2, 5, 32)
     assert top == lqer_choice(seed, state, 5) and len(set(top)) == 5
     for n, e in entries.items():
         assert fields(e) == sorted([*fields(seed[n]), *(["lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale"] if n in top else [])])
         if n in top:
-            assert e.lqer_a.shape[1] == 2 and e.lqer_b.shape[0] == 2
+            assert e.lqer_a.shape[1] == 2 and e.lqer_b.shape[0] == 2 and e.lqer_group == 32
     assert_entries_identical(seed, strip(entries, "lqer"), with_cost=True)
-    everything = tg.add_lqer(dict(seed), state, 1, 1000)  # only matrices with a Hessian
+    everything = tg.add_lqer(dict(seed), state, 1, 1000, 64)  # only matrices with a Hessian
     assert everything == lqer_choice(seed, state, 1000) and len(everything) == 6 * 3 + 1
 
 

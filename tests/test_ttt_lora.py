@@ -10,6 +10,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import FRONTIER, FakeCtx, doc_stream, evaluate_on_ranks, metric, random_model, tiny_env
@@ -86,6 +87,7 @@ def lora_run(base_model, luts):
     @lru_cache(maxsize=None)
     def cached(toks: tuple, over: tuple):
         model, h, ctx = copy.deepcopy(base_model), lora_h(**dict(over)), Ctx()
+        with_caps(model, h)
         val = torch.tensor(toks, dtype=torch.int64)
         dump = tg.TokenDump(val.numel() - 1, "cpu")
         vl, vb, _ = tg.eval_val_ttt_lora(model, model, val, h, ctx, luts, dump)
@@ -94,6 +96,13 @@ def lora_run(base_model, luts):
     def run(toks: torch.Tensor, **over):
         return cached(tuple(toks.tolist()), tuple(sorted(over.items())))
     return run
+
+
+def with_caps(model, h):
+    """As load_eval_model: ASYM_LOGIT_RESCALE adds both caps, at LOGIT_SOFTCAP, to the evaluated model."""
+    if h.ASYM_LOGIT_RESCALE:
+        model.logit_caps = torch.nn.Parameter(torch.full((2,), h.LOGIT_SOFTCAP))
+    return model
 
 
 def plan_of(toks, **over):
@@ -142,6 +151,19 @@ class Watched(torch.Tensor):
             return func(*args, **(kwargs or {}))
 
 
+class HitDump(tg.TokenDump):
+    """A TokenDump that also counts how often each target is scored, and keeps the set scored so far."""
+
+    def __init__(self, n: int):
+        super().__init__(n, "cpu")
+        self.hits, self.scored = torch.zeros(n, dtype=torch.int64), set()
+
+    def add(self, idx, mask, nll, step):
+        super().add(idx, mask, nll, step)
+        self.hits.index_put_((idx[mask],), torch.ones_like(idx[mask]), accumulate=True)
+        self.scored |= set(idx[mask].tolist())
+
+
 @pytest.fixture(scope="module")
 def traced(corpus, base_model, luts):
     """The base settings (2 pauses, warm-start A on) run once with spies: every scored target (TokenDump),
@@ -152,22 +174,12 @@ def traced(corpus, base_model, luts):
     model, h = copy.deepcopy(base_model), lora_h()
     n = toks.numel() - 1
 
-    class Dump(tg.TokenDump):
-        def __init__(self):
-            super().__init__(n, "cpu")
-            self.hits, self.scored = torch.zeros(n, dtype=torch.int64), set()
-
-        def add(self, idx, mask, nll, step):
-            super().add(idx, mask, nll, step)
-            self.hits.index_put_((idx[mask],), torch.ones_like(idx[mask]), accumulate=True)
-            self.scored |= set(idx[mask].tolist())
-
     class Meter(tg.BpbMeter):
         def __init__(self, device):
             super().__init__(device)
             made.append(self)
 
-    dump = Dump()
+    dump = HitDump(n)
     real_pause, real_warmup, real_piece_rows = tg.LoraTTT.pause, tg.LoraTTT.warmup, tg.piece_rows
 
     def pause(self, docs):
@@ -445,8 +457,9 @@ def lora_rank_runs(tiny_tokenizer, tiny_data, tmp_path_factory):
     """One artifact (random weights, RTN) evaluated in lora mode by 1 and 2 gloo ranks, warm-start A off, 2
     pauses. The tiny val stream's 40 documents in batches of 6 make 7 batches: uneven over 2 ranks, and the
     first two (each before a pause) leave rank 1 idle. The tiny 3-layer model keeps it fast: the frontier
-    components' adapters are checked in-process above."""
-    env = tiny_env(tiny_tokenizer, tiny_data, TTT_MODE="lora", TTT_WARM_START_A=0,
+    components' adapters are checked in-process above. Learned caps on (from 2, where they move), no V adapter."""
+    env = tiny_env(tiny_tokenizer, tiny_data, TTT_MODE="lora", TTT_WARM_START_A=0, ASYM_LOGIT_RESCALE=1,
+                   LOGIT_SOFTCAP=2.0, TTT_V_LORA=0,
                    PHASED_TTT_NUM_PHASES=2, PHASED_TTT_PREFIX_DOCS=8, SLIDING_WINDOW_ENABLED=0, TTT_BATCH_SIZE=6,
                    TTT_CHUNK_SIZE=64, TTT_EVAL_SEQ_LEN=256, TTT_LORA_RANK=4, TTT_LORA_ALPHA=8, TTT_LORA_LR=0.01,
                    GLOBAL_TTT_LR=0.01, GLOBAL_TTT_CHUNK_TOKENS=256, GLOBAL_TTT_BATCH_SEQS=8)
@@ -472,6 +485,9 @@ def test_lora_two_ranks_match_one_rank(lora_rank_runs):
     assert np.array_equal(order1, order2)
     assert nll1.astype(np.float64).mean() == pytest.approx(l1, rel=1e-6)  # the dump is what was scored
     assert metric(log1, "quantized_ttt_phased_exact") != metric(log1, "final_int6_roundtrip_exact")
+    caps = [[float(v) for v in re.search(r"^asym_logit_caps: pos:(\S+) neg:(\S+)$", log, re.M).groups()]
+            for log in (log1, log2)]
+    assert caps[1] == pytest.approx(caps[0], rel=1e-5) and caps[0] != [2.0, 2.0]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
@@ -493,3 +509,124 @@ def test_ranks_share_each_phase_by_cost(world):
         assert max(load) <= min(load) + plan.cost[lo:hi].max()
     if world == 2:  # batch 0 (the 4000-token document) outweighs the rest of phase 1: it runs alone
         assert plan.rank_batches(0, 10, 2, 0) == [0]
+
+
+# ---------------------------------------------------------------- the later rows' settings (#1945 ... #2135)
+
+# Every new setting at once: learned caps, short-document chunks (2 targets for documents of <= 10 tokens, 4 up
+# to 30, else 8), no Q/V adapters, the local LR multiplier, and a context past TRAIN_SEQ_LEN (48 > 32, as
+# #1953's 2560 > 2048): with LORA's 2 pauses.
+LATER = dict(ASYM_LOGIT_RESCALE=1, TTT_SHORT_SCORE_FIRST_STEPS="10:2,30:4", TTT_Q_LORA=0, TTT_V_LORA=0,
+             TTT_LOCAL_LR_MULT=0.75, TTT_EVAL_SEQ_LEN=48)
+
+
+def short_chunk(n_targets: int) -> int:
+    tokens = n_targets + 1  # its BOS up to the next document's
+    return 2 if tokens <= 10 else 4 if tokens <= 30 else 8
+
+
+def class_order(docs, R: int, n_targets: int) -> np.ndarray:
+    """Each target's scoring step: documents longest first (stable), in batches of up to R documents of one chunk
+    size; a batch takes as many steps as its longest document has chunks; target i is in chunk i // C."""
+    ranked, batches = sorted(range(len(docs)), key=lambda i: -docs[i][1]), []
+    for i in ranked:
+        b = batches[-1] if batches else None
+        if b is None or len(b) == R or short_chunk(docs[b[0]][1]) != short_chunk(docs[i][1]):
+            batches.append(b := [])
+        b.append(i)
+    order, step = np.full(n_targets, -1, dtype=np.int64), 0
+    for b in batches:
+        C = short_chunk(docs[b[0]][1])
+        for start, n in (docs[i] for i in b):
+            order[start:start + n] = step + np.arange(n) // C
+        step += -(-docs[b[0]][1] // C)
+    return order
+
+
+def test_short_documents_get_their_chunk_and_every_target_is_scored_once(corpus, base_model, luts, meters):
+    """With every later setting on: each document is scored in the chunks its length selects, in batches that
+    share one, in the specified order; every target exactly once, with its bytes."""
+    toks, docs = corpus
+    n = toks.numel() - 1
+    h, model = lora_h(**LATER), copy.deepcopy(base_model)
+    dump = HitDump(n)
+    tg.eval_val_ttt_lora(with_caps(model, h), model, toks, h, Ctx(), luts, dump)
+    assert sorted({short_chunk(k) for _, k in docs}) == [2, 4, 8]
+    assert (dump.hits == 1).all() and meters[0].sums[1].item() == n
+    assert meters[0].sums[2].item() == tg.target_bytes(toks[:-1], toks[1:], luts).sum().item()
+    assert np.array_equal(dump.order.numpy(), class_order(docs, 3, n))
+    plan = plan_of(toks, **LATER)
+    assert [sorted({short_chunk(k) for _, k in plan.batch(q)}) for q in range(plan.n_batches)] == [
+        [c] for c in plan.chunk.tolist()]
+
+
+@pytest.mark.parametrize("frac", [0.3, 0.7])
+def test_later_settings_keep_every_score_made_before_a_rewrite(corpus, lora_run, frac):
+    """With every later setting on (the caps trained by the 2 pauses): rewriting each token whose target is scored
+    after step s leaves every score made at or before s bit for bit, and changes later ones."""
+    toks, _ = corpus
+    base = lora_run(toks, **LATER)
+    s = int(frac * int(base.order.max()))
+    j = torch.arange(1, toks.numel())
+    new = lora_run(rewrite(toks, j[(base.order[j - 1] > s) & (toks[j] != tg.BOS_ID)], seed=s), **LATER)
+    early = base.order <= s
+    assert torch.equal(new.order, base.order) and early.any() and (~early).any()
+    torch.testing.assert_close(new.nll[early], base.nll[early], rtol=0, atol=1e-6)
+    assert (new.nll[~early] - base.nll[~early]).abs().max() > 1e-4
+
+
+def test_asymmetric_caps_move_only_in_the_pauses(corpus, base_model, luts, lora_run):
+    """The caps start at LOGIT_SOFTCAP; no document batch (LoRA Adam) changes them, each pause (SGD on the
+    base weights) does, apart. Without pauses they stay put, and every score is bit for bit that without them.
+    (The caps start at 2 here: this model's logits are ~1, so at 30 one SGD step would move them by < 1 ulp.)"""
+    toks, _ = corpus
+    h, model, seen = lora_h(ASYM_LOGIT_RESCALE=1, LOGIT_SOFTCAP=2.0), copy.deepcopy(base_model), []
+    with_caps(model, h)
+    real = {name: getattr(tg.LoraTTT, name) for name in ("score_batch", "pause")}
+
+    def spy(name):
+        def call(self, *args):
+            before = model.logit_caps.detach().clone()
+            real[name](self, *args)
+            seen.append((name, before, model.logit_caps.detach().clone()))
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in real:
+            mp.setattr(tg.LoraTTT, name, spy(name))
+        tg.eval_val_ttt_lora(model, model, toks, h, Ctx(), luts)
+    assert torch.equal(seen[0][1], torch.full((2,), 2.0))
+    assert [n for n, _, _ in seen].count("pause") == 2 and len(seen) == 7
+    for name, before, after in seen:
+        assert torch.equal(before, after) == (name == "score_batch"), name
+    assert model.logit_caps[0] != model.logit_caps[1]
+    plain, capped = lora_run(toks, **OFF), lora_run(toks, **OFF, ASYM_LOGIT_RESCALE=1)
+    assert torch.equal(capped.nll, plain.nll)
+    assert torch.equal(capped.model.logit_caps, torch.full((2,), 30.0))
+
+
+def test_local_lr_mult_scales_the_adapters_lr(corpus, lora_run):
+    toks, _ = corpus
+    half = lora_run(toks, **OFF, TTT_LORA_LR=0.02, TTT_LOCAL_LR_MULT=0.5)
+    assert torch.equal(half.nll, lora_run(toks, **OFF, TTT_LORA_LR=0.01).nll)
+    assert not torch.equal(half.nll, lora_run(toks, **OFF, TTT_LORA_LR=0.02).nll)
+
+
+def test_asymmetric_softcap_is_the_softcap_at_init_then_caps_each_sign():
+    """Both caps at LOGIT_SOFTCAP: bit for bit 30 tanh(z / 30) (the frontier model). Caps (0.5, 2): positive
+    logits capped at 0.5, the others at 2, as written out here."""
+    h = hparams(**FRONTIER, ASYM_LOGIT_RESCALE=1)
+    model = random_model(h, seed=2)
+    model.looping = True
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(2, 320, (2, 24), generator=g), torch.randint(0, 320, (2, 24), generator=g)
+    with torch.no_grad():
+        plain = model(ids, y)
+        with_caps(model, h)
+        assert torch.equal(model(ids, y), plain)
+        model.logit_caps.copy_(torch.tensor([0.5, 2.0]))
+        z = F.linear(model.hidden(ids), model.tok_emb.weight)
+        capped = torch.where(z > 0, 0.5 * torch.tanh(z / 0.5), 2.0 * torch.tanh(z / 2.0))
+        want = F.cross_entropy(capped.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        torch.testing.assert_close(model(ids, y), want, rtol=1e-6, atol=1e-6)
+        assert (want - plain).abs().max() > 1e-2

@@ -66,7 +66,7 @@ def main():
     rows = []
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
-    step_s = timed(ctx, lambda: tg.train_step(model_c, loader, opt, h, ctx, 100, 1.0), a.steps)
+    step_s = timed(ctx, lambda: tg.train_step(model_c, loader, opt, h, ctx, 100, 1.0, h.TRAIN_SEQ_LEN), a.steps)
     n_params = sum(p.numel() for p in model.parameters())
     tokens = a.seqs * L
     d, nl = h.MODEL_DIM, h.NUM_LAYERS

@@ -6,6 +6,9 @@ evaluates the same artifact with EVAL_ARTIFACT, one train_gpt.py process per met
 (b) chunk TTT, (c) LoRA TTT without a phase at the default and a larger LoRA LR, (d) LoRA + 1 phase and
 (e) LoRA + 3 phases at the better of the two. Prints (and with --out writes) a Markdown table of val_bpb,
 its delta against (a), and the TTT / whole-evaluation wall times. Every method scores the same targets.
+--later-rows runs instead (d) at --lr-large and, each alone on top of it, one later record's change: (f)
+learned asymmetric logit softcaps (#1945), (g) a TTT context 1.25x the training length (#1953), (h) no Q/V
+adapters (#1953/#2014), (i) no K adapter (#2135); deltas against (d), no part 2.
 
 Part 2 (no run): `lora_ttt_cost` counts the FLOPs of TTT_MODE=lora as train_gpt.py schedules it (DocPlan's
 length-sorted batches, a 48-token chunk re-running a window padded to lora_row_lengths, the pauses' SGD),
@@ -16,6 +19,7 @@ CPU scale is a proxy: a 128-wide model trained on ~1M tokens, windows of 256 tok
   python tests/benchmarks/lora_ttt_cpu.py --text-dir ../shared/data/text \\
       --tokenizer ../shared/data/tokenizers/fineweb_1024_bpe.model --out tests/benchmarks/results/lora_ttt_cpu_<date>.md
   python tests/benchmarks/lora_ttt_cpu.py ... --projection-only   # part 2 only (seconds)
+  python tests/benchmarks/lora_ttt_cpu.py ... --later-rows --out .../lora_ttt_later_rows_cpu_<date>.md
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ SHAPE = dict(PRESET="sp8192", NUM_LAYERS=11, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_
 EVAL = dict(EVAL_BUDGET_SECONDS=1e9, TTT_EVAL_SEQ_LEN=256, TTT_BATCH_SIZE=8, TTT_CHUNK_SIZE=48,
             GLOBAL_TTT_CHUNK_TOKENS=1024, GLOBAL_TTT_BATCH_SEQS=8, TTT_CHUNK_TOKENS=1024)
 LOGDIR, ARTIFACT = "logs", "lora_ttt.int6.ptz"
+LATER_TTT_LEN = SHAPE["TRAIN_SEQ_LEN"] * 5 // 4  # (g): #1953's 2560 is 1.25 x 2048
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ def select_val(args, work: Path) -> tuple[Path, list[int]]:
 def build(args, work: Path) -> tuple[Path, list[int]]:
     val, lengths = select_val(args, work)
     train = [t for t in sorted(Path(args.text_dir).glob("*.jsonl")) if "val" not in t.name]
-    data, stamp = work / "sp1024", json.dumps(dict(val=lengths, train=[str(t) for t in train]))
+    data, stamp = work / "sp1024", json.dumps(dict(val=lengths, train=[str(t.resolve()) for t in train]))
     done = work / "selection.json"  # what the shards (and the artifact trained on them) were built from
     if not (data / "fineweb_val_000000.bin").exists() or not done.exists() or done.read_text() != stamp:
         (work / ARTIFACT).unlink(missing_ok=True)
@@ -134,9 +139,19 @@ def parse_eval(log: str, kind: str) -> dict:
     return row
 
 
-def methods(lr_small: float, lr_large: float, prefix: int):
-    """(label, kind, env) of each evaluation; (d)/(e) get their LR once (c) has picked it (None here)."""
+def methods(lr_small: float, lr_large: float, prefix: int, later: bool = False):
+    """(label, kind, env) of each evaluation; (d)/(e) get their LR once (c) has picked it (None here).
+    later: (d) at lr_large, then each later record's change alone on top of it."""
     lora = dict(TTT_ENABLED=1, TTT_MODE="lora", SLIDING_WINDOW_ENABLED=0, PHASED_TTT_PREFIX_DOCS=prefix)
+    if later:
+        d = lora | dict(PHASED_TTT_NUM_PHASES=1, TTT_LORA_LR=lr_large)
+        return [(f"(d) LoRA TTT + 1 phase, LR {lr_large:g}", "lora", d),
+                ("(f) + ASYM_LOGIT_RESCALE=1 (#1945)", "lora", d | dict(ASYM_LOGIT_RESCALE=1)),
+                (f"(g) + TTT_EVAL_SEQ_LEN={LATER_TTT_LEN} (#1953)", "lora",
+                 d | dict(TTT_EVAL_SEQ_LEN=LATER_TTT_LEN)),
+                ("(h) + TTT_Q_LORA=0 TTT_V_LORA=0 (#1953, #2014)", "lora",
+                 d | dict(TTT_Q_LORA=0, TTT_V_LORA=0)),
+                ("(i) + TTT_K_LORA=0 (#2135)", "lora", d | dict(TTT_K_LORA=0))]
     return [("(a) sliding window", "sliding", dict(TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=1)),
             ("(b) chunk TTT", "chunk", dict(TTT_ENABLED=1, TTT_MODE="chunk", SLIDING_WINDOW_ENABLED=0)),
             (f"(c) LoRA TTT, no phase, LR {lr_small:g}", "lora", lora | dict(PHASED_TTT_NUM_PHASES=0,
@@ -164,11 +179,11 @@ def cpu_part(args, work: Path) -> tuple[list[str], dict]:
         train_log = (work / LOGDIR / "train.txt").read_text()
     prefix = args.prefix_docs or len(lengths) // 2
     rows, lr = [], None
-    for label, kind, env in methods(args.lr_small, args.lr_large, prefix):
+    for label, kind, env in methods(args.lr_small, args.lr_large, prefix, args.later_rows):
         if "TTT_LORA_LR" in env and env["TTT_LORA_LR"] is None:
             env = env | dict(TTT_LORA_LR=lr)
             label += f", LR {lr:g}"
-        run_id = re.sub(r"\W+", "_", label).strip("_").lower()
+        run_id = ("later_" if args.later_rows else "") + re.sub(r"\W+", "_", label).strip("_").lower()
         log, took, cpu = run_train_gpt(run_id, EVAL | env | dict(EVAL_ARTIFACT=artifact), base, work,
                                        args.threads)
         row = parse_eval(log, kind) | dict(label=label, kind=kind, minutes=took / 60, cpu_min=cpu / 60, env=env,
@@ -187,7 +202,8 @@ def cpu_part(args, work: Path) -> tuple[list[str], dict]:
 
 def table(rows: list[dict]) -> list[str]:
     ref = rows[0]["bpb"]
-    out = ["| method | val_loss | val_bpb | delta vs (a) | pass time (s) | final_eval_time (s) | run: min (CPU min) |",
+    out = [f"| method | val_loss | val_bpb | delta vs {rows[0]['label'].split()[0]} | pass time (s) | "
+           "final_eval_time (s) | run: min (CPU min) |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         run = f"{r['minutes']:.1f} ({r['cpu_min']:.1f})"
@@ -239,7 +255,8 @@ def doc_plan(lengths, *, context: int, chunk: int, batch: int, phases: int, pref
 def lora_ttt_cost(lengths, *, d: int, heads: int, kv_heads: int, mlp_mult: float, passes: int, vocab: int,
                   context: int, chunk: int = 48, batch: int = 64, rank: int = 80, world: int = 8,
                   phases: int = 3, prefix_docs: int = 2500, global_batch_seqs: int = 32,
-                  global_chunk_tokens: int = 32_768, global_epochs: int = 1, bwd_mult: float = 1.0) -> dict:
+                  global_chunk_tokens: int = 32_768, global_epochs: int = 1, bwd_mult: float = 1.0,
+                  sites=("q", "k", "v", "o", "mlp")) -> dict:
     """FLOPs of one TTT_MODE=lora pass as train_gpt.py runs it on `world` ranks.
 
     Scoring: batch q holds TTT_BATCH_SIZE documents (one per row, all rows computed, finished or not); its
@@ -253,7 +270,7 @@ def lora_ttt_cost(lengths, *, d: int, heads: int, kv_heads: int, mlp_mult: float
     Pauses: SGD on every document scored so far (cut into rows of <= context targets of one document), in
     global batches of global_batch_seqs rows padded to the context (each rank: ceil(seqs / world) rows),
     forward + backward with weight gradients (3x forward), per cosine chunk of global_chunk_tokens targets."""
-    dense, lora = per_token_flops(d, heads, kv_heads, mlp_mult, passes, vocab, rank)
+    dense, lora = per_token_flops(d, heads, kv_heads, mlp_mult, passes, vocab, rank, sites)
     tg, plan, Ls = doc_plan(lengths, context=context, chunk=chunk, batch=batch, phases=phases,
                             prefix_docs=prefix_docs, global_epochs=global_epochs)
     docs, ends, n_batches = plan.docs[:, 1], plan.ends, plan.n_batches
@@ -394,12 +411,13 @@ def cpu_flops_line(rows: list[dict], info: dict) -> list[str]:
     for r in rows:
         if r["kind"] != "lora" or not r["ttt_s"]:
             continue
-        ph = int(r["env"]["PHASED_TTT_NUM_PHASES"])
+        env = EVAL | r["env"]
+        sites = tuple(s for s in ("q", "k", "v", "o", "mlp") if int(env.get(f"TTT_{s.upper()}_LORA", 1)))
         c = lora_ttt_cost(info["lengths"], d=128, heads=4, kv_heads=2, mlp_mult=4.0, passes=17, vocab=1024,
-                          context=EVAL["TTT_EVAL_SEQ_LEN"], chunk=48, batch=EVAL["TTT_BATCH_SIZE"], rank=80,
-                          world=1, phases=ph, prefix_docs=info["prefix"],
+                          context=env["TTT_EVAL_SEQ_LEN"], chunk=48, batch=EVAL["TTT_BATCH_SIZE"], rank=80,
+                          world=1, phases=int(env["PHASED_TTT_NUM_PHASES"]), prefix_docs=info["prefix"],
                           global_batch_seqs=EVAL["GLOBAL_TTT_BATCH_SEQS"],
-                          global_chunk_tokens=EVAL["GLOBAL_TTT_CHUNK_TOKENS"])
+                          global_chunk_tokens=EVAL["GLOBAL_TTT_CHUNK_TOKENS"], sites=sites)
         flops = c["total"] + c["pause_flops_per_rank"]
         out.append(f"{r['label']}: {c['row_tokens']:,.0f} row tokens for {c['targets']:,} targets "
                    f"({c['row_tokens'] / c['targets']:.1f}x), {flops / 1e12:.2f} TFLOP counted, "
@@ -429,6 +447,7 @@ def main():
     ap.add_argument("--work", default="/tmp/lora_ttt_cpu")
     ap.add_argument("--retrain", action="store_true", help="train again even if --work holds an artifact")
     ap.add_argument("--projection-only", action="store_true")
+    ap.add_argument("--later-rows", action="store_true", help="(d) and the later records' changes (f)-(i) only")
     ap.add_argument("--full-targets", type=int, default=47_851_520, help="#1855's validation targets")
     ap.add_argument("--full-docs", type=int, default=50_000)
     ap.add_argument("--bytes-per-token", type=float, default=3.73, help="SP8192's")
@@ -438,8 +457,9 @@ def main():
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Score-first TTT variants at CPU scale, and LoRA TTT's projected 8xH100 time "
-             f"({platform.node()}, {os.cpu_count()} cores, {DATE})", "",
+    title = ("Later records' LoRA TTT changes at CPU scale" if args.later_rows else
+             "Score-first TTT variants at CPU scale, and LoRA TTT's projected 8xH100 time")
+    lines = [f"# {title} ({platform.node()}, {os.cpu_count()} cores, {DATE})", "",
              f"Command: `python {' '.join(sys.argv)}` (train_gpt.py: {git_head()}).", ""]
     if not args.projection_only:
         t0 = time.perf_counter()
@@ -448,18 +468,24 @@ def main():
         tl = info["train_log"]
         step_ms = grab(r"step_avg:([\d.]+)ms", tl) or 0
         post_ema = grab(r"^DIAGNOSTIC post_ema val_loss:[\d.]+ val_bpb:([\d.]+)", tl) or 0
+        trained = (f"{info['train_s'] / 60:.1f} min ({info['train_cpu'] / 60:.1f} CPU min), " if info["train_s"]
+                   else "the cached artifact's run, ")
+        long = int((L > SHAPE["TRAIN_SEQ_LEN"]).sum())
+        about = (f"Every row: TTT_LORA_LR={args.lr_large:g}, 1 phase. (g): {long} of the {len(L)} documents have "
+                 f"more than {SHAPE['TRAIN_SEQ_LEN']} targets, the only ones whose windows (and pause rows) can "
+                 f"see more context. pass time: `ttt_eval_time` (" if args.later_rows else
+                 f"(d) and (e) use TTT_LORA_LR={info['lr']:g}, the better of (c). pass time: the sliding pass "
+                 f"(a), `ttt_eval_time` (b-e; ")
         lines += [f"One artifact, {args.steps} training steps x {SHAPE['TRAIN_BATCH_TOKENS']} tokens; shape "
                   f"{', '.join(f'{k}={v}' for k, v in SHAPE.items())}. Every evaluation sets "
                   f"{', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in EVAL.items())}"
                   f" and EVAL_ARTIFACT; the rest is the preset's (#1855's TTT settings). Validation: the first "
                   f"{len(L)} documents of <= {args.max_doc_tokens} SP1024 tokens, {L.sum():,} tokens "
                   f"(median {int(np.median(L))}, max {L.max()}); PHASED_TTT_PREFIX_DOCS={info['prefix']}. "
-                  f"Training: {info['train_s'] / 60:.1f} min ({info['train_cpu'] / 60:.1f} CPU min), "
-                  f"step_avg {step_ms:.0f} ms, post-EMA val_bpb {post_ema:.4f}, int6 "
+                  f"Training: {trained}step_avg {step_ms:.0f} ms, post-EMA val_bpb {post_ema:.4f}, int6 "
                   f"roundtrip {rows[0]['roundtrip'] or 0:.4f}.", "",
                   *table(rows), "",
-                  f"(d) and (e) use TTT_LORA_LR={info['lr']:g}, the better of (c). pass time: the sliding pass "
-                  f"(a), `ttt_eval_time` (b-e; lora mode from the first scored token, after the warm-up). "
+                  f"{about}lora mode from the first scored token, after the warm-up). "
                   f"Total wall time {(time.perf_counter() - t0) / 60:.1f} min, CPU time "
                   f"{child_cpu() / 60:.1f} min ({args.threads} thread(s) per run: OMP_NUM_THREADS).", ""]
         plans = [f"- {r['label']}: `{r['plan']}`" + "".join(f" `{p}`" for p in r["phases"])
@@ -468,7 +494,8 @@ def main():
         for r in rows:
             if r["failed"] or r["bpb"] is None:
                 lines += [f"{r['label']} failed; log tail:", "```", r["tail"], "```", ""]
-    lines += ["## Projected 8xH100 time of the full-size LoRA TTT pass", "", *projection_part(args)]
+    if not args.later_rows:
+        lines += ["## Projected 8xH100 time of the full-size LoRA TTT pass", "", *projection_part(args)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
