@@ -1164,7 +1164,7 @@ class GPT(nn.Module):
         if lora is not None:
             logits = logits + lora.head(h)
         logits, cap = logits.float(), self.softcap
-        if self.logit_caps is not None:  # both LOGIT_SOFTCAP until TTT moves them: then the same values
+        if self.logit_caps is not None:  # a cap per sign; both at LOGIT_SOFTCAP give the line below's values
             cap = torch.where(logits > 0, self.logit_caps[0], self.logit_caps[1])
         logits = cap * torch.tanh(logits / cap)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
