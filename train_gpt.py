@@ -1583,8 +1583,8 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, va
         if h.NUM_LOOPS and not model.looping and frac >= h.ENABLE_LOOPING_AT:
             model.looping = True
             ctx.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} order:{model.loop_order}")
-        if train_seq_len(h, frac) != seq_len:
-            seq_len, changed_at = train_seq_len(h, frac), step
+        if (length := train_seq_len(h, frac)) != seq_len:
+            seq_len, changed_at = length, step
             ctx.log(f"train_seq_len:switch step:{step} frac:{frac:.3f} seq_len:{seq_len}")
         lr_mult = lr_multiplier(h, step, elapsed, budget.train_ms) * seq_change_ramp(h, step - changed_at)
         train_loss = train_step(model_c, loader, opt, h, ctx, step, lr_mult, seq_len)

@@ -39,9 +39,12 @@ from presets_cpu import build  # noqa: E402
 CAP = 16_000_000
 QUANT_KEYS = [s.name for s in tg.HPARAMS if s.group == "quantization"]
 # The full-size runs: the preset's shape, a tiny batch, 2 steps, no TTT or sliding pass (sizes only).
-FULL = dict(ITERATIONS=2, WARMUP_STEPS=0, TRAIN_SEQ_LEN=256, EVAL_SEQ_LEN=256, TRAIN_BATCH_TOKENS=2048,
-            GPTQ_CALIB_BATCHES=4, MAX_WALLCLOCK_SECONDS=0, GPTQ_RESERVE_SECONDS=0, VAL_LOSS_EVERY=0,
+FULL = dict(ITERATIONS=2, WARMUP_STEPS=0, TRAIN_SEQ_LEN=256, TRAIN_SEQ_SCHEDULE="", EVAL_SEQ_LEN=256,
+            TRAIN_BATCH_TOKENS=2048, GPTQ_CALIB_BATCHES=4, MAX_WALLCLOCK_SECONDS=0, GPTQ_RESERVE_SECONDS=0, VAL_LOSS_EVERY=0,
             TTT_ENABLED=0, SLIDING_WINDOW_ENABLED=0, COMPILE=0, EVAL_BATCH_SEQS=16)
+
+
+PRESETS = [p for p in tg.PRESETS if p != "sp8192"]  # one run per configuration: sp8192 is pr1855's other name
 
 
 def quant_settings(preset: str) -> dict:
@@ -60,7 +63,7 @@ def trained_entries(args, work: Path) -> dict[str, dict]:
     with tg.fp32_matmuls():
         hess = tg.collect_hessians(model, loader, h, ctx, clock, tg.Budget(h))
         return {p: tg.quantize_state(model, hess, qs.hparams(data, args, **quant_settings(p)), ctx)
-                for p in tg.PRESETS}
+                for p in PRESETS}
 
 
 def lrzip(raw: bytes) -> tuple[int, float, float]:
@@ -206,7 +209,8 @@ def main():
     rows = {p: codec_rows(e) for p, e in small.items()}
     data = build(args, work)
     shutil.copy(ROOT / "train_gpt.py", work / "train_gpt.py")  # the file as it is now, whatever edits follow
-    runs = [full_size(p, *data["sp8192" if p == "sp8192" else "sp1024"], work) for p in tg.PRESETS]
+    vocab = {p: tg.Hyperparameters({"PRESET": p}).VOCAB_SIZE for p in PRESETS}
+    runs = [full_size(p, *data[f"sp{vocab[p]}"], work) for p in PRESETS]
     ests = {r["preset"]: estimate(r, small[r["preset"]]) for r in runs}
     text = render(rows, runs, ests, args)
     print(text)
