@@ -200,8 +200,8 @@ MODEL_KEYS = tuple(s.name for s in HPARAMS if s.group == "model")
 # it, so a re-evaluation scores as the run did.
 EVAL_KEYS = tuple(s.name for s in HPARAMS if s.group in ("evaluation", "ttt") and s.name not in
                   ("EVAL_ARTIFACT", "DUMP_TOKEN_NLL")) + ("TRAIN_SEQ_LEN", "TRAIN_SEQ_SCHEDULE")
-# The accepted records we reproduce, each on the last (README: Presets, with what each lacks: CaseOps first).
-PR1855 = dict(  # the SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 and its LoRA TTT
+# The accepted records we reproduce, each on the last (README: Presets, with what each lacks).
+SP8192 = dict(  # the SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 and its LoRA TTT, on plain SP8192 data
         DATA_PATH="./data/datasets/fineweb10B_sp8192", VOCAB_SIZE=8192,
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model", MLP_MULT=4.0, ROPE_SCALING="none",
         QK_GAIN_INIT=5.0, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=0, VE_LAYERS="", SMEAR_GATE="bos",
@@ -211,6 +211,9 @@ PR1855 = dict(  # the SP8192 stack of PR #1394 -> #1493 -> #1787/#1855 and its L
         MUON_POLAR_EXPRESS=True, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, EMA_DECAY=0.9965,
         VAL_LOSS_EVERY=0, EMBED_BITS=7, ATTN_CLIP_SIGMAS=13.0, MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0,
         SLIDING_WINDOW_ENABLED=False, TTT_MODE="lora", TTT_LR=0.005)  # TTT_LR: #1493's, for TTT_MODE=chunk
+PR1855 = SP8192 | dict(  # CaseOps data: python data/cached_challenge_fineweb.py --variant sp8192_caseops
+    DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
 PR1945 = PR1855 | dict(ASYM_LOGIT_RESCALE=True, AWQ_LITE_GROUP_TOP_K=1)
 PR1953 = PR1945 | dict(QK_GAIN_INIT=5.25, EVAL_SEQ_LEN=2560, TTT_EVAL_SEQ_LEN=2560, TTT_Q_LORA=False,
                        TTT_V_LORA=False, TTT_LOCAL_LR_MULT=0.75)
@@ -221,8 +224,8 @@ PR2014 = PR1953 | dict(TRAIN_SEQ_LEN=3072, TRAIN_SEQ_SCHEDULE="1024@0.1,2048@0.7
 PR2135 = PR1945 | dict(AWQ_LITE_GROUP_TOP_K=0, MATRIX_LR=0.028, GPTQ_CALIB_BATCHES=32, LQER_ASYM_GROUP=32,
                        EVAL_SEQ_LEN=2560, TTT_EVAL_SEQ_LEN=2560, TTT_LORA_LR=8e-5, TTT_WEIGHT_DECAY=2.0,
                        TTT_K_LORA=False, PHASED_TTT_NUM_PHASES=1)
-PRESETS = {"pr549": {}, "pr1855": PR1855, "sp8192": PR1855, "pr1945": PR1945, "pr1953": PR1953,
-           "pr2014": PR2014, "pr2135": PR2135}  # pr549: the defaults; sp8192: pr1855's first name
+PRESETS = {"pr549": {}, "sp8192": SP8192, "pr1855": PR1855, "pr1945": PR1945, "pr1953": PR1953,
+           "pr2014": PR2014, "pr2135": PR2135}  # pr549: the defaults
 # An unknown env var is refused when it is a typo of a setting, or starts with a setting's first word
 # (TTT_GRAD_STEPS) but not one other tools use too (NUM_THREADS, MAX_JOBS), or a lineage prefix we lack.
 SHARED_PREFIXES = ("NUM_", "MAX_", "MIN_", "DATA_", "RUN_", "MODEL_", "ENABLE_", "SIZE_")
@@ -538,7 +541,10 @@ SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 HEADER_BYTES = 1024
 BOS_ID = 1  # every document starts with it (the challenge tokenizers' bos_id; data/build_shards.py checks)
 GET_DATA = ("get the published shards and tokenizers: python data/cached_challenge_fineweb.py "
-            "--variant sp1024 (or sp8192); or build them from any text: python data/build_shards.py --help")
+            "--variant sp1024 (or sp8192, sp8192_caseops); or build them from any text: "
+            "python data/build_shards.py --help")
+VAL_SHARDS = "fineweb_val_[0-9]*.bin"
+SIDECAR_SHARDS = "fineweb_val_bytes_*.bin"  # the byte sidecar: one uint16 per validation token (CaseOps)
 
 
 def shard_length(path: str) -> int:
@@ -560,8 +566,12 @@ def shard_length(path: str) -> int:
     return n
 
 
+def read_shard(path: str) -> np.ndarray:
+    return np.fromfile(path, dtype="<u2", count=shard_length(path), offset=HEADER_BYTES)
+
+
 def load_data_shard(path: str, vocab_size: int) -> np.ndarray:
-    tokens = np.fromfile(path, dtype="<u2", count=shard_length(path), offset=HEADER_BYTES)
+    tokens = read_shard(path)
     top = int(tokens.max())
     if top >= vocab_size:
         raise ValueError(f"shard {path}: token id {top} >= VOCAB_SIZE {vocab_size} (wrong tokenizer/vocab?)")
@@ -624,12 +634,21 @@ class DistributedTokenLoader:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int) -> Tensor:
-    tokens = np.concatenate([load_data_shard(f, vocab_size) for f in list_shards(pattern)])
-    usable = ((tokens.size - 1) // seq_len) * seq_len  # lineage rule: drop the < seq_len tail
-    if usable <= 0:
-        raise ValueError(f"validation set {pattern} has {tokens.size} tokens, < seq_len+1={seq_len + 1}")
-    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+def load_byte_sidecar(val_files: list[str]) -> np.ndarray | None:
+    """The validation byte sidecar: fineweb_val_bytes_N.bin beside each fineweb_val_N.bin, the same header,
+    then for each token the original UTF-8 bytes it stands for. None where the validation shards have none."""
+    folder = os.path.dirname(val_files[0])
+    found = sorted(glob.glob(os.path.join(folder, SIDECAR_SHARDS)))
+    if not found:
+        return None
+    want = [os.path.join(folder, os.path.basename(f).replace("_val_", "_val_bytes_")) for f in val_files]
+    if found != sorted(want):
+        raise ValueError(f"byte sidecar shards {found} do not pair with the validation shards {val_files}")
+    for f, side in zip(val_files, want):
+        if shard_length(f) != shard_length(side):
+            raise ValueError(f"byte sidecar {side} has {shard_length(side)} values for the {shard_length(f)} "
+                             f"tokens of {f}")
+    return np.concatenate([read_shard(side) for side in want])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,10 +686,21 @@ def check_manifest(h: Hyperparameters, ctx: Context):
     if tok["sha256"] != digest:
         raise ValueError(f"TOKENIZER_PATH={h.TOKENIZER_PATH} (sha256 {digest[:12]}) is not the tokenizer of "
                          f"the shards in DATA_PATH: {path} names {tok['file']} (sha256 {tok['sha256'][:12]})")
-    have = sum(map(shard_length, list_shards(f"{h.DATA_PATH}/fineweb_val_*.bin")))
+    have = sum(map(shard_length, list_shards(f"{h.DATA_PATH}/{VAL_SHARDS}")))
     if have != val_tokens:
         raise ValueError(f"DATA_PATH={h.DATA_PATH}: the validation shards hold {have} tokens, {path} says "
                          f"{val_tokens}: a shard is missing or foreign")
+    if m.get("byte_sidecar") and not glob.glob(f"{h.DATA_PATH}/{SIDECAR_SHARDS}"):
+        raise ValueError(f"DATA_PATH={h.DATA_PATH}: {path} lists a byte sidecar, but no {SIDECAR_SHARDS} is "
+                         "there")
+
+
+def validation_cut(n_tokens: int, seq_len: int) -> int:
+    """Tokens kept of the validation stream: whole seq_len windows of targets, plus the first token."""
+    usable = ((n_tokens - 1) // seq_len) * seq_len  # lineage rule: drop the < seq_len tail
+    if usable <= 0:
+        raise ValueError(f"the validation shards hold {n_tokens} tokens, < EVAL_SEQ_LEN+1={seq_len + 1}")
+    return usable + 1
 
 
 def build_sentencepiece_luts(sp, vocab_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -699,16 +729,46 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
     return base_bytes[tgt].to(torch.float64) + (has_space[tgt] & ~is_boundary[prev]).to(torch.float64)
 
 
+def token_bytes(tokens: Tensor, luts) -> Tensor:
+    """(N,) int32: the bytes charged when each token of a stream is predicted (the first never is: 0)."""
+    return F.pad(target_bytes(tokens[:-1], tokens[1:], luts).to(torch.int32), (1, 0))
+
+
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # data/caseops.py: TITLE ALLCAPS CAPNEXT ESC
+
+
+def load_validation(h: Hyperparameters, ctx: Context, sp) -> tuple[Tensor, Tensor]:
+    """The validation stream and the UTF-8 bytes charged when each of its tokens is predicted: from the byte
+    sidecar where there is one (CaseOps: the original text's bytes, 0 for operators), else from the LUTs."""
+    files = list_shards(f"{h.DATA_PATH}/{VAL_SHARDS}")
+    tokens = np.concatenate([load_data_shard(f, h.VOCAB_SIZE) for f in files])
+    sidecar, n = load_byte_sidecar(files), validation_cut(tokens.size, h.EVAL_SEQ_LEN)
+    val_tokens = torch.from_numpy(tokens[:n].astype(np.int64)).to(ctx.device)
+    if sidecar is not None:
+        val_bytes = torch.from_numpy(sidecar[:n].astype(np.int32)).to(ctx.device)
+        if val_bytes[val_tokens == BOS_ID].any():
+            raise ValueError(f"DATA_PATH={h.DATA_PATH}: the byte sidecar charges bytes to BOS: misaligned")
+    elif any(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS):
+        raise ValueError(f"TOKENIZER_PATH={h.TOKENIZER_PATH} is a CaseOps tokenizer, but DATA_PATH="
+                         f"{h.DATA_PATH} has no byte sidecar {SIDECAR_SHARDS} (the LUTs would charge 3 bytes "
+                         f"per operator); {GET_DATA}")
+    else:
+        val_bytes = token_bytes(val_tokens, build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device))
+    kind = f"byte_sidecar:enabled files:{len(files)}" if sidecar is not None else "byte_luts"
+    ctx.log(f"val_bpb:{kind} bytes:{int(val_bytes[1:].sum())}")
+    return val_tokens, val_bytes
+
+
 class BpbMeter:
     """float64 sums of NLL, target count and bytes; val_bpb = loss_sum / (ln 2 * bytes)."""
 
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
-    def add(self, nll: Tensor, prev: Tensor, tgt: Tensor, luts, mask: Tensor):
-        """Adds the positions where mask is true as device sums: no host sync."""
-        w = mask.to(torch.float64)
-        nbytes = target_bytes(prev, tgt, luts)
+    def add(self, nll: Tensor, nbytes: Tensor, mask: Tensor):
+        """Adds the positions where mask is true (NLLs and the bytes their targets are charged) as device
+        sums: no host sync."""
+        w, nbytes = mask.to(torch.float64), nbytes.to(torch.float64)
         self.sums += torch.stack(((nll.to(torch.float64) * w).sum(), w.sum(), (nbytes * w).sum()))
 
     def result(self, reduce: bool = True) -> tuple[float, float]:
@@ -758,7 +818,7 @@ def sliding_windows(n_targets: int, window: int, stride: int) -> np.ndarray:
     return rows
 
 
-def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, meter: BpbMeter,
+def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, val_bytes, meter: BpbMeter,
                   dump: TokenDump | None, step: int = 0):
     """Scores windows of EVAL_SEQ_LEN tokens into `meter`, and per target into `dump`. Every batch has
     EVAL_BATCH_SEQS rows (padded with windows (0, 0, 0) that score nothing), so every eval path runs one
@@ -778,28 +838,29 @@ def score_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, 
             with ctx.autocast():
                 nll = model_fn(x, y)
             mask = (idx >= w[:, 1:2]) & (idx < w[:, 2:3])
-            meter.add(nll, x, y, luts, mask)
+            meter.add(nll, val_bytes[idx + 1], mask)
             if dump is not None:
                 dump.add(idx, mask, nll, step)
 
 
-def eval_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, luts, dump=None):
+def eval_windows(model_fn, val_tokens: Tensor, wins: np.ndarray, h, ctx, val_bytes, dump=None):
     """(val_loss, val_bpb) over all ranks, each scoring its share of `wins`."""
     meter = BpbMeter(ctx.device)
-    score_windows(model_fn, val_tokens, rank_share(wins, ctx), h, ctx, luts, meter, dump)
+    score_windows(model_fn, val_tokens, rank_share(wins, ctx), h, ctx, val_bytes, meter, dump)
     return meter.result()
 
 
-def eval_val(model_fn, val_tokens: Tensor, h: Hyperparameters, ctx: Context, luts) -> tuple[float, float]:
+def eval_val(model_fn, val_tokens: Tensor, h, ctx, val_bytes: Tensor) -> tuple[float, float]:
     """Non-sliding: the stream tiled into EVAL_SEQ_LEN windows that score all their targets."""
     L = min(h.EVAL_SEQ_LEN, val_tokens.numel() - 1)
     starts = np.arange((val_tokens.numel() - 1) // L, dtype=np.int64) * L
-    return eval_windows(model_fn, val_tokens, np.stack([starts, starts, starts + L], axis=1), h, ctx, luts)
+    wins = np.stack([starts, starts, starts + L], axis=1)
+    return eval_windows(model_fn, val_tokens, wins, h, ctx, val_bytes)
 
 
-def eval_val_sliding(model_fn, val_tokens: Tensor, h, ctx, luts, dump=None) -> tuple[float, float]:
+def eval_val_sliding(model_fn, val_tokens: Tensor, h, ctx, val_bytes, dump=None) -> tuple[float, float]:
     wins = sliding_windows(val_tokens.numel() - 1, h.EVAL_SEQ_LEN, h.EVAL_STRIDE)
-    return eval_windows(model_fn, val_tokens, wins, h, ctx, luts, dump)
+    return eval_windows(model_fn, val_tokens, wins, h, ctx, val_bytes, dump)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1542,10 +1603,10 @@ class Budget:
 Trained = namedtuple("Trained", "model_c loader clock")  # calibration goes on with the stream and the clock
 
 
-def validate(model_c, step: int, clock: Clock, h, ctx, val_tokens: Tensor, luts) -> float:
+def validate(model_c, step: int, clock: Clock, h, ctx, val_tokens: Tensor, val_bytes) -> float:
     """A validation pass off the training clock; returns the clock's reading."""
     clock.pause()
-    vl, vb = eval_val(model_c, val_tokens, h, ctx, luts)
+    vl, vb = eval_val(model_c, val_tokens, h, ctx, val_bytes)
     ms = clock.ms()
     ctx.log(f"step:{step}/{h.ITERATIONS} val_loss:{vl:.4f} val_bpb:{vb:.4f} "
             f"train_time:{ms:.0f}ms step_avg:{ms / max(step, 1):.2f}ms")
@@ -1553,7 +1614,7 @@ def validate(model_c, step: int, clock: Clock, h, ctx, val_tokens: Tensor, luts)
     return ms
 
 
-def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, val_tokens: Tensor, luts):
+def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, val_tokens: Tensor, val_bytes):
     """The timed loop. The GPU is waited for only at the clock syncs (and on logged steps); the LR and the
     loop switch follow the budget's agreed time, the same on every rank."""
     model_c = compile_model(model, ctx)
@@ -1573,7 +1634,7 @@ def train_model(model: GPT, h: Hyperparameters, ctx: Context, budget: Budget, va
         last_step = step == budget.stop_at
         should_validate = last_step or (h.VAL_LOSS_EVERY and step % h.VAL_LOSS_EVERY == 0)
         if should_validate:
-            ms = validate(model_c, step, clock, h, ctx, val_tokens, luts)
+            ms = validate(model_c, step, clock, h, ctx, val_tokens, val_bytes)
         if last_step:
             if step < h.ITERATIONS:
                 ctx.log(f"stopping_early: wallclock_cap train_time:{ms:.0f}ms step:{step}/{h.ITERATIONS}")
@@ -2404,7 +2465,7 @@ def ttt_fits_budget(h, ctx, c: int, n_chunks: int, t_eval0: float, score_s: list
     return False
 
 
-def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0: float, dump=None):
+def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, val_bytes, t_eval0: float, dump=None):
     """Legal score-first TTT: chunk c's windows are scored under inference_mode with weights trained only
     on chunks < c; then (except the last chunk) the model trains on chunk c. If the eval budget would
     overrun, adaptation stops and the remaining chunks are scored with the current weights."""
@@ -2426,7 +2487,7 @@ def eval_val_ttt(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, t_eval0
         ts = time.perf_counter()
         model.eval()
         mine = rank_share(wins[chunk_of == c], ctx)
-        score_windows(model_fn, val_tokens, mine, h, ctx, luts, meter, dump, step=c)
+        score_windows(model_fn, val_tokens, mine, h, ctx, val_bytes, meter, dump, step=c)
         ctx.sync()
         score_s.append(time.perf_counter() - ts)
         last = c == n_chunks - 1
@@ -2551,9 +2612,9 @@ class LoraTTT:
     """One rank's per-document LoRA TTT: TTT_BATCH_SIZE documents, one per row, each with its own adapters
     (reset per batch) and Adam state, through the model's own forward."""
 
-    def __init__(self, model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, dump):
+    def __init__(self, model: GPT, model_fn, val_tokens: Tensor, h, ctx, val_bytes, dump):
         self.model, self.fn = model, model_fn
-        self.val, self.luts, self.dump = val_tokens, luts, dump
+        self.val, self.bytes, self.dump = val_tokens, val_bytes, dump
         self.h, self.ctx = h, ctx
         self.lora = Adapters(model, h, h.TTT_BATCH_SIZE).to(ctx.device)
         lr = h.TTT_LORA_LR * h.TTT_LOCAL_LR_MULT
@@ -2614,7 +2675,7 @@ class LoraTTT:
             x, y, idx, scored, trained = self.rows(docs, c, C)
             with self.ctx.autocast():
                 nll = self.fn(x, y, self.lora)
-            self.meter.add(nll.detach(), x, y, self.luts, scored)
+            self.meter.add(nll.detach(), self.bytes[idx + 1], scored)
             if self.dump is not None:
                 self.dump.add(idx, scored, nll, first_step + c)
             if train and c < n_chunks - 1:  # the longest document has a later chunk
@@ -2676,10 +2737,10 @@ class LoraBudget:
         return not self.all_stopped
 
 
-def eval_val_ttt_lora(model: GPT, model_fn, val_tokens: Tensor, h, ctx, luts, dump=None):
+def eval_val_ttt_lora(model: GPT, model_fn, val_tokens: Tensor, h, ctx, val_bytes, dump=None):
     """Per-document LoRA TTT with phased global SGD, score-first in DocPlan's order. Returns (val_loss,
     val_bpb, ttt_eval_time): timed as the records time it, from the first scored token, after the warm-up."""
-    run = LoraTTT(model, model_fn, val_tokens, h, ctx, luts, dump)
+    run = LoraTTT(model, model_fn, val_tokens, h, ctx, val_bytes, dump)
     t0 = time.perf_counter()
     run.warmup(pauses=h.PHASED_TTT_NUM_PHASES > 0 and h.PHASED_TTT_PREFIX_DOCS > 0)
     ctx.sync()
@@ -2761,7 +2822,7 @@ def log_model(model: GPT, h: Hyperparameters, ctx: Context):
     ctx.log(f"seed:{h.SEED}")
 
 
-def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> str:
+def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, val_bytes) -> str:
     """Train; collect Hessians and run GPTQ on the training clock; report the pre-quantization score; write
     the artifact."""
     local_batch_tokens(h, ctx)
@@ -2770,7 +2831,7 @@ def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> s
     model = build_model(h, ctx)
     log_model(model, h, ctx)
     budget = Budget(h, estimate_gptq_ms(model, h, ctx))
-    run = train_model(model, h, ctx, budget, val_tokens, luts)
+    run = train_model(model, h, ctx, budget, val_tokens, val_bytes)
     with fp32_matmuls():
         hessians = collect_hessians(model, run.loader, h, ctx, run.clock, budget)
         entries = quantize_state(model, hessians, h, ctx) if ctx.master else None
@@ -2780,7 +2841,7 @@ def stage_train(h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts) -> s
     over = budget.over_cap(done)
     ctx.log(f"gptq:done train_time:{done:.0f}ms" + (f" OVER_CAP_BY:{over:.0f}ms" if over else ""))
     t0 = time.perf_counter()
-    vl, vb = eval_val(run.model_c, val_tokens, h, ctx, luts)
+    vl, vb = eval_val(run.model_c, val_tokens, h, ctx, val_bytes)
     ctx.log(f"DIAGNOSTIC post_ema val_loss:{vl:.4f} val_bpb:{vb:.4f} "
             f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     meta = {"prequant_val_loss": vl, "prequant_val_bpb": vb, "val_targets": val_tokens.numel() - 1,
@@ -2823,7 +2884,7 @@ def log_metric(ctx, name: str, vl: float, vb: float, extra: str = ""):
     ctx.log(f"{name}_exact val_loss:{vl:.8f} val_bpb:{vb:.8f}")
 
 
-def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tensor, luts):
+def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tensor, val_bytes):
     """Roundtrip, sliding window (if enabled) and TTT (if enabled) on the reloaded artifact. final_eval_time
     counts everything from reading the artifact; ttt_eval_time only the TTT pass (lora mode: from its first
     scored token, after the compile warm-up, as the records count it)."""
@@ -2839,7 +2900,7 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
         ctx.sync()
         return out, 1000 * (time.perf_counter() - t)
 
-    (vl, vb), ms = timed(eval_val, model_fn, val_tokens, h, ctx, luts)
+    (vl, vb), ms = timed(eval_val, model_fn, val_tokens, h, ctx, val_bytes)
     log_metric(ctx, "final_int6_roundtrip", vl, vb, f" eval_time:{ms:.0f}ms")
     if "prequant_val_bpb" in meta:
         L, n = meta["eval"]["EVAL_SEQ_LEN"], meta["val_targets"]
@@ -2848,13 +2909,13 @@ def stage_evaluate(path: str, h: Hyperparameters, ctx: Context, val_tokens: Tens
                 f"quant_gap:n/a (prequant scored {n} targets at EVAL_SEQ_LEN={L})")
     if h.SLIDING_WINDOW_ENABLED:  # the dump holds the last pass
         last = None if h.TTT_ENABLED else dump
-        (vl, vb), ms = timed(eval_val_sliding, model_fn, val_tokens, h, ctx, luts, last)
+        (vl, vb), ms = timed(eval_val_sliding, model_fn, val_tokens, h, ctx, val_bytes, last)
         log_metric(ctx, "final_int6_sliding_window", vl, vb, f" stride:{h.EVAL_STRIDE} eval_time:{ms:.0f}ms")
     if h.TTT_ENABLED and h.TTT_MODE == "lora":  # timed from its first scored token, after its warm-up
-        vl, vb, ttt_s = eval_val_ttt_lora(model, model_fn, val_tokens, h, ctx, luts, dump)
+        vl, vb, ttt_s = eval_val_ttt_lora(model, model_fn, val_tokens, h, ctx, val_bytes, dump)
         log_metric(ctx, "quantized_ttt_phased", vl, vb, f" eval_time:{1000 * ttt_s:.0f}ms")
     elif h.TTT_ENABLED:
-        (vl, vb), ms = timed(eval_val_ttt, model, model_fn, val_tokens, h, ctx, luts, t_eval0, dump)
+        (vl, vb), ms = timed(eval_val_ttt, model, model_fn, val_tokens, h, ctx, val_bytes, t_eval0, dump)
         log_metric(ctx, "legal_ttt", vl, vb, f" eval_time:{ms:.0f}ms")
         ttt_s = ms / 1000
     if h.TTT_ENABLED:
@@ -2905,13 +2966,11 @@ def run(h: Hyperparameters, ctx: Context):
         adopt_artifact_settings(h.EVAL_ARTIFACT, h, ctx)
     sp = load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
     check_manifest(h, ctx)
-    luts = build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device)
     ctx.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.TOKENIZER_PATH}")
-    val_pattern = f"{h.DATA_PATH}/fineweb_val_*.bin"
-    val_tokens = load_validation_tokens(val_pattern, h.EVAL_SEQ_LEN, h.VOCAB_SIZE).to(ctx.device)
-    ctx.log(f"val_loader:shards pattern={val_pattern} tokens:{val_tokens.numel() - 1}")
-    path = h.EVAL_ARTIFACT or stage_train(h, ctx, val_tokens, luts)
-    stage_evaluate(path, h, ctx, val_tokens, luts)
+    val_tokens, val_bytes = load_validation(h, ctx, sp)
+    ctx.log(f"val_loader:shards pattern={h.DATA_PATH}/{VAL_SHARDS} tokens:{val_tokens.numel() - 1}")
+    path = h.EVAL_ARTIFACT or stage_train(h, ctx, val_tokens, val_bytes)
+    stage_evaluate(path, h, ctx, val_tokens, val_bytes)
     if dist.is_initialized():
         dist.barrier()  # no rank tears down while another still talks to it (gloo aborts at exit otherwise)
         dist.destroy_process_group()

@@ -15,10 +15,18 @@ documents of --val-input (all of them, or its first --val-docs). Training is eve
 Beside the shards, DIR/manifest.json records the tokenizer (file name, sha256, vocab size) and each split's
 shards, tokens and documents, so that train_gpt.py can refuse shards evaluated with another tokenizer.
 
+--caseops tokenizes the CaseOps transform of every document (data/caseops.py: lowercase text plus case
+operators, which --train-tokenizer reserves as user-defined symbols) and writes the validation byte sidecar
+DIR/fineweb_val_bytes_000000.bin, ...: the same header, then one uint16 per validation token, the original
+UTF-8 bytes it stands for (0 for BOS and operators), from which train_gpt.py charges bpb. --byte-sidecar
+writes the sidecar for a plain tokenizer (bpb on the original bytes rather than the tokenizer's pieces).
+
 Examples:
   python data/build_shards.py --input text/*.jsonl --tokenizer tok.model --output data/datasets/mine
   python data/build_shards.py --input corpus/ --tokenizer data/tokenizers/my_8192_bpe.model \\
       --train-tokenizer 8192 --val-docs 1000   # -> data/datasets/fineweb10B_sp8192_sample
+  python data/build_shards.py --input corpus/ --tokenizer data/tokenizers/my_8192_caseops.model \\
+      --train-tokenizer 8192 --caseops         # -> data/datasets/fineweb10B_sp8192_caseops_sample
 """
 from __future__ import annotations
 
@@ -41,6 +49,8 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+import caseops  # data/ is on sys.path when run as a script
+
 MAGIC, VERSION = 20240520, 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -50,6 +60,8 @@ VAL_DOCS = 50_000
 MAX_VOCAB = 1 << 16  # token ids are stored as uint16, so ids must stay <= 65535
 DATA_DIR = Path(__file__).resolve().parent
 SHARD_NAME = re.compile(r"fineweb_(train|val)_\d{6}\.bin")
+SIDECAR_SPLIT = "val_bytes"  # fineweb_val_bytes_NNNNNN.bin: validation only, aligned with fineweb_val_NNNNNN.bin
+SIDECAR_NAME = re.compile(r"fineweb_val_bytes_\d{6}\.bin")
 BATCH_DOCS, BATCH_CHARS = 256, 1 << 20  # per worker task: big enough to amortise IPC, small in memory
 MANIFEST_NAME, MANIFEST_FORMAT = "manifest.json", 1
 COUNT_CHUNK = 1 << 24  # tokens per read when counting documents: a 100M-token shard never sits in memory
@@ -94,13 +106,22 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
 
 
-def count_documents(path: str | Path) -> int:
-    """The BOS tokens in a shard (one per document), read through a memory map chunk by chunk."""
+def shard_chunks(path: str | Path) -> Iterator[np.ndarray]:
+    """A shard's values through a memory map, chunk by chunk."""
     n = shard_length(path)
-    if n == 0:
-        return 0  # np.memmap cannot map zero bytes
-    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
-    return sum(int(np.count_nonzero(tokens[i:i + COUNT_CHUNK] == BOS_ID)) for i in range(0, n, COUNT_CHUNK))
+    if n:  # np.memmap cannot map zero bytes
+        values = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+        yield from (values[i:i + COUNT_CHUNK] for i in range(0, n, COUNT_CHUNK))
+
+
+def count_documents(path: str | Path) -> int:
+    """The BOS tokens in a shard (one per document)."""
+    return sum(int(np.count_nonzero(c == BOS_ID)) for c in shard_chunks(path))
+
+
+def sidecar_bytes(path: str | Path) -> int:
+    """The original UTF-8 bytes a byte sidecar shard charges."""
+    return sum(int(c.sum(dtype=np.int64)) for c in shard_chunks(path))
 
 
 class ShardWriter:
@@ -266,8 +287,9 @@ def tokenizer_training_texts(docs: Iterable[str], max_docs: int = TOKENIZER_TRAI
 
 
 def train_tokenizer(docs: Iterable[str], model: str | Path, vocab_size: int,
-                    max_docs: int = TOKENIZER_TRAIN_DOCS) -> Path:
-    """Train a SentencePiece BPE model with the official builder's settings and write MODEL (+ .vocab)."""
+                    max_docs: int = TOKENIZER_TRAIN_DOCS, reserved: tuple[str, ...] = ()) -> Path:
+    """Train a SentencePiece BPE model with the official builder's settings and write MODEL (+ .vocab);
+    `reserved` pieces (the CaseOps operators) become user-defined symbols, ids 4, 5, ..."""
     check_vocab_size(vocab_size)
     model = Path(model)
     if model.suffix != ".model":
@@ -287,7 +309,8 @@ def train_tokenizer(docs: Iterable[str], model: str | Path, vocab_size: int,
     try:
         # num_threads only sets the speed: the pieces are the same for any value (the official run used 16)
         spm.SentencePieceTrainer.train(sentence_iterator=texts(), model_prefix=str(tmp / "m"), vocab_size=vocab_size,
-                                       num_threads=os.cpu_count() or 1, minloglevel=2, **SPM_TRAINER_SETTINGS)
+                                       num_threads=os.cpu_count() or 1, minloglevel=2,
+                                       user_defined_symbols=list(reserved), **SPM_TRAINER_SETTINGS)
         got = spm.SentencePieceProcessor(model_file=str(tmp / "m.model")).vocab_size()
         if got != vocab_size:
             left_out = (f"; {counts['long']:,} documents over {SPM_MAX_SENTENCE_BYTES:,} UTF-8 bytes were left out"
@@ -312,35 +335,57 @@ def train_tokenizer(docs: Iterable[str], model: str | Path, vocab_size: int,
 # ---- encoding (runs in worker processes) ---------------------------------------------------------
 
 _SP: spm.SentencePieceProcessor | None = None
+_CASEOPS, _SIDECAR = False, False
 
 
-def _init_worker(model: str) -> None:
-    global _SP
-    _SP = spm.SentencePieceProcessor(model_file=model)
+def _init_worker(model: str, caseops_on: bool = False, sidecar: bool = False) -> None:
+    global _SP, _CASEOPS, _SIDECAR
+    _SP, _CASEOPS, _SIDECAR = spm.SentencePieceProcessor(model_file=model), caseops_on, sidecar
 
 
-def encode_batch(texts: list[str]) -> tuple[np.ndarray, int]:
-    """BOS + tokens for each document, concatenated; also the batch's UTF-8 byte count."""
-    flat: list[int] = []
-    for ids in _SP.encode(texts):
-        flat.append(BOS_ID)
-        flat += ids
-    return np.array(flat, dtype=np.uint16), sum(len(t.encode("utf-8")) for t in texts)
+def piece_original_bytes(starts: list[int], mask: np.ndarray) -> np.ndarray:
+    """Each piece's original UTF-8 bytes: the mask's true bytes from its start offset to the next piece's,
+    the first piece's from 0 and the last one's to the end, so whitespace the normalizer drops at either
+    end of a document is charged too and the counts sum to the document's original bytes."""
+    bounds = np.array([0, *starts[1:], len(mask)], dtype=np.int64)
+    if np.any(np.diff(bounds) < 0):
+        raise BuildError("the tokenizer's piece offsets go backwards: cannot attribute bytes")
+    cum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    return cum[bounds[1:]] - cum[bounds[:-1]]
 
 
-def ordered_map(fn, tasks: Iterable[tuple[str, list[str]]], model: str, workers: int):
-    """Yield (split, len(texts), fn(texts)) in input order with at most a few tasks in flight,
+def encode_batch(split: str, texts: list[str]) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """BOS + tokens for each document, concatenated; the batch's UTF-8 byte count; for validation with a byte
+    sidecar, each token's original bytes (0 for BOS), read off SentencePiece's byte offsets."""
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    encoded = [caseops.encode(t) for t in texts] if _CASEOPS else texts
+    flat, charged = [], []
+    if split == "val" and _SIDECAR:
+        for text, doc in zip(encoded, _SP.encode(encoded, out_type="proto")):
+            flat += [BOS_ID, *(p.id for p in doc.pieces)]
+            mask = caseops.original_byte_mask(text) if _CASEOPS else np.ones(len(text.encode("utf-8")), bool)
+            charged += [0, *piece_original_bytes([p.begin for p in doc.pieces], mask)] if doc.pieces else [0]
+        if max(charged) >= MAX_VOCAB:
+            raise BuildError(f"a token stands for {max(charged):,} bytes, more than a uint16 sidecar holds")
+    else:
+        for ids in _SP.encode(encoded):
+            flat += [BOS_ID, *ids]
+    return np.array(flat, dtype=np.uint16), n_bytes, np.array(charged, dtype=np.uint16) if charged else None
+
+
+def ordered_map(fn, tasks: Iterable[tuple[str, list[str]]], model: str, workers: int, *flags: bool):
+    """Yield (split, len(texts), fn(split, texts)) in input order with at most a few tasks in flight,
     so memory stays bounded however large the input (Pool.imap would read ahead without limit)."""
     if workers <= 1:
-        _init_worker(model)
+        _init_worker(model, *flags)
         for split, texts in tasks:
-            yield split, len(texts), fn(texts)
+            yield split, len(texts), fn(split, texts)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(model,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(model, *flags)) as pool:
         pending: collections.deque = collections.deque()
         for split, texts in tasks:
-            pending.append((split, len(texts), pool.apply_async(fn, (texts,))))
+            pending.append((split, len(texts), pool.apply_async(fn, (split, texts))))
             if len(pending) >= 4 * workers:
                 split0, n0, res = pending.popleft()
                 yield split0, n0, res.get()
@@ -362,7 +407,8 @@ def sha256(path: str | Path) -> str:
 
 
 def split_paths(shard_dir: str | Path, split: str) -> list[Path]:
-    return sorted(p for p in Path(shard_dir).glob(f"fineweb_{split}_*.bin") if SHARD_NAME.fullmatch(p.name))
+    name = SIDECAR_NAME if split == SIDECAR_SPLIT else SHARD_NAME
+    return sorted(p for p in Path(shard_dir).glob(f"fineweb_{split}_*.bin") if name.fullmatch(p.name))
 
 
 def shard_manifest(shard_dir: str | Path, tokenizer_path: str | Path, written_by: str) -> dict:
@@ -374,7 +420,12 @@ def shard_manifest(shard_dir: str | Path, tokenizer_path: str | Path, written_by
                          "documents": sum(map(count_documents, paths))}
     tokenizer = {"file": Path(tokenizer_path).name, "sha256": sha256(tokenizer_path),
                  "vocab_size": load_tokenizer(tokenizer_path).vocab_size()}
-    return {"format": MANIFEST_FORMAT, "tokenizer": tokenizer, "splits": splits, "written_by": written_by}
+    manifest = {"format": MANIFEST_FORMAT, "tokenizer": tokenizer, "splits": splits, "written_by": written_by}
+    sidecars = split_paths(shard_dir, SIDECAR_SPLIT)
+    if sidecars:  # train_gpt.py refuses the shards without it: the bytes would silently be counted otherwise
+        manifest["byte_sidecar"] = {"shards": len(sidecars), "tokens": sum(map(shard_length, sidecars)),
+                                    "bytes": sum(map(sidecar_bytes, sidecars))}
+    return manifest
 
 
 def save_manifest(shard_dir: str | Path, manifest: dict) -> None:
@@ -400,14 +451,19 @@ def write_manifest(shard_dir: str | Path, tokenizer_path: str | Path, written_by
 # ---- build ---------------------------------------------------------------------------------------
 
 def build(inputs, tokenizer, output, *, val_inputs=None, val_docs: int | None = None,
-          shard_tokens: int = SHARD_TOKENS, workers: int | None = None, progress: bool = True) -> dict:
-    """Tokenize documents into OUTPUT/fineweb_{val,train}_NNNNNN.bin and return per-split statistics.
+          shard_tokens: int = SHARD_TOKENS, workers: int | None = None, progress: bool = True,
+          caseops_on: bool = False, sidecar: bool = False) -> dict:
+    """Tokenize documents (their CaseOps transform if caseops_on) into OUTPUT/fineweb_{val,train}_NNNNNN.bin,
+    with the byte sidecar if caseops_on or sidecar, and return per-split statistics.
 
     Shards are written to a hidden staging directory inside OUTPUT and moved into place only after
     everything succeeded, so a failure never leaves a partial shard under a final name."""
     if shard_tokens < 1:
         raise BuildError("--shard-tokens must be positive")
-    load_tokenizer(tokenizer)  # validate before reading any input
+    sp = load_tokenizer(tokenizer)  # validate before reading any input
+    if caseops_on:
+        check_caseops_tokenizer(sp, tokenizer)
+    sidecar = sidecar or caseops_on
     tasks = batches(split_documents(inputs, val_inputs, val_docs))
     output = Path(output)
     try:
@@ -417,20 +473,25 @@ def build(inputs, tokenizer, output, *, val_inputs=None, val_docs: int | None = 
         raise BuildError(f"cannot write to output directory {output} ({e.strerror or e})") from None
     stats = {s: {"docs": 0, "tokens": 0, "bytes": 0, "shards": 0} for s in ("val", "train")}
     try:
-        writers = {s: ShardWriter(staging, s, shard_tokens) for s in stats}
-        results = ordered_map(encode_batch, tasks, str(tokenizer), workers or os.cpu_count() or 1)
+        writers = {s: ShardWriter(staging, s, shard_tokens) for s in (*stats, SIDECAR_SPLIT)}
+        results = ordered_map(encode_batch, tasks, str(tokenizer), workers or os.cpu_count() or 1,
+                              caseops_on, sidecar)
         with tqdm(unit="doc", file=sys.stderr, disable=not progress, desc="tokenizing") as bar:
-            for split, n_docs, (tokens, n_bytes) in results:
+            for split, n_docs, (tokens, n_bytes, charged) in results:
                 writers[split].write(tokens)
                 st = stats[split]
                 st["docs"] += n_docs
                 st["tokens"] += tokens.size
                 st["bytes"] += n_bytes
+                if charged is not None:
+                    writers[SIDECAR_SPLIT].write(charged)
+                    st["charged"] = st.get("charged", 0) + int(charged.sum(dtype=np.int64))
                 bar.update(n_docs)
                 bar.set_postfix(split=split, tokens=f"{st['tokens']:,}", refresh=False)
-        for s, w in writers.items():
+        for w in writers.values():
             w.close()
-            stats[s]["shards"] = len(w.paths)
+        for s in stats:
+            stats[s]["shards"] = len(writers[s].paths)
         if stats["val"]["docs"] == 0:
             raise BuildError("no validation documents (the input is empty)")
         if stats["train"]["docs"] == 0:
@@ -438,8 +499,8 @@ def build(inputs, tokenizer, output, *, val_inputs=None, val_docs: int | None = 
                              "(lower --val-docs or use --val-input)")
         # counted in staging, where shards already bear their final names: a mismatch keeps the old dataset
         manifest = checked_manifest(staging, tokenizer, stats)
-        for old in output.iterdir():  # never mix with shards (or the manifest) of an earlier build
-            if SHARD_NAME.fullmatch(old.name) or old.name == MANIFEST_NAME:
+        for old in output.iterdir():  # never mix with shards (sidecar, manifest) of an earlier build
+            if SHARD_NAME.fullmatch(old.name) or SIDECAR_NAME.fullmatch(old.name) or old.name == MANIFEST_NAME:
                 old.unlink()
         for w in writers.values():
             for p in w.paths:
@@ -460,7 +521,19 @@ def checked_manifest(staging: Path, tokenizer, stats: dict) -> dict:
         got = manifest["splits"][split]
         if got != want:
             raise BuildError(f"{split} shards on disk hold {got}, but the build wrote {want}")
+    val = stats["val"]
+    want = {"shards": val["shards"], "tokens": val["tokens"], "bytes": val["charged"]} if "charged" in val else None
+    if manifest.get("byte_sidecar") != want:
+        raise BuildError(f"the byte sidecar on disk holds {manifest.get('byte_sidecar')}, the build wrote {want}")
     return manifest
+
+
+def check_caseops_tokenizer(sp: spm.SentencePieceProcessor, model) -> None:
+    """--caseops needs the operators as pieces of their own (user-defined symbols)."""
+    missing = [f"U+{ord(op):04X}" for op in caseops.OPERATORS if sp.piece_to_id(op) == sp.unk_id()]
+    if missing:
+        raise BuildError(f"{model}: --caseops needs a tokenizer with the CaseOps operators reserved, and "
+                         f"{', '.join(missing)} are not (train one with --train-tokenizer VOCAB --caseops)")
 
 
 def summary(stats: dict) -> str:
@@ -470,6 +543,9 @@ def summary(stats: dict) -> str:
         bpt = st["bytes"] / text_tokens if text_tokens else float("nan")
         lines.append(f"{split:>5}: {st['docs']:,} documents, {st['tokens']:,} tokens incl. BOS "
                      f"in {st['shards']} shard(s), {st['bytes']:,} UTF-8 bytes, {bpt:.3f} bytes/token")
+        if "charged" in st:
+            lines.append(f"       byte sidecar: {st['charged']:,} bytes charged"
+                         + ("" if st["charged"] == st["bytes"] else " (documents without a token charge none)"))
     return "\n".join(lines)
 
 
@@ -479,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt/.jsonl files or directories")
     ap.add_argument("--tokenizer", required=True, metavar="MODEL",
                     help="SentencePiece .model (written if --train-tokenizer)")
-    ap.add_argument("--output", metavar="DIR", help="default: data/datasets/fineweb10B_sp<VOCAB>_sample")
+    ap.add_argument("--output", metavar="DIR",
+                    help="default: data/datasets/fineweb10B_sp<VOCAB>_sample (_caseops_sample with --caseops)")
     ap.add_argument("--val-input", nargs="+", metavar="PATH", help="take validation documents from here instead")
     ap.add_argument("--val-docs", type=int, metavar="N",
                     help=f"validation documents (default {VAL_DOCS:,} from --input; all of --val-input)")
@@ -488,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="first train a BPE tokenizer of this size (e.g. 1024, 4096, 8192) on the first "
                          f"{TOKENIZER_TRAIN_DOCS:,} training documents with the official builder's settings, "
                          "written to MODEL (+ .vocab)")
+    ap.add_argument("--caseops", action="store_true",
+                    help="tokenize the CaseOps transform (data/caseops.py; --train-tokenizer reserves its "
+                         "operators) and write the validation byte sidecar fineweb_val_bytes_*.bin")
+    ap.add_argument("--byte-sidecar", action="store_true",
+                    help="write the byte sidecar with a plain tokenizer too (bpb on the original bytes)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -498,12 +580,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_tokenizer:
             docs = (d for s, d in split_documents(args.input, args.val_input, args.val_docs) if s == "train")
             print(f"training a {args.train_tokenizer}-piece BPE tokenizer ...", file=sys.stderr)
-            train_tokenizer(docs, args.tokenizer, args.train_tokenizer)
+            train_tokenizer(map(caseops.encode, docs) if args.caseops else docs, args.tokenizer,
+                            args.train_tokenizer, reserved=caseops.OPERATORS if args.caseops else ())
             print(f"wrote {args.tokenizer} ({time.time() - t0:.1f}s)")
         vocab = load_tokenizer(args.tokenizer).vocab_size()
-        output = args.output or DATA_DIR / "datasets" / f"fineweb10B_sp{vocab}_sample"
+        name = f"fineweb10B_sp{vocab}_{'caseops_' if args.caseops else ''}sample"
+        output = args.output or DATA_DIR / "datasets" / name
         stats = build(args.input, args.tokenizer, output, val_inputs=args.val_input, val_docs=args.val_docs,
-                      shard_tokens=args.shard_tokens, workers=args.workers, progress=not args.no_progress)
+                      shard_tokens=args.shard_tokens, workers=args.workers, progress=not args.no_progress,
+                      caseops_on=args.caseops, sidecar=args.byte_sidecar)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

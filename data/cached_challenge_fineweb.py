@@ -5,9 +5,12 @@ Where each export lives (a dataset repo; the flag --repo-id, else MATCHED_FINEWE
   sp1024 (and any variant not listed below)  willdepueoai/parameter-golf  (the challenge's own export)
   sp4096, sp8192                             kevclark/parameter-golf      (used by the SP4096/SP8192
                                              records from PR #1394 on; not in the challenge's repo)
-Remote layout, the same in both repos (ROOT defaults to "datasets"):
+  sp8192_caseops                             romeerp/parameter-golf-caseops-v1 (the CaseOps records, #1729
+                                             on: dataset fineweb10B_sp8192_lossless_caps_caseops_v1_reserved)
+Remote layout, the same in every repo (ROOT defaults to "datasets"):
   ROOT/manifest.json                                   lists datasets, shard counts and tokenizers
   ROOT/datasets/fineweb10B_sp<V>/fineweb_{val,train}_NNNNNN.bin
+  ROOT/datasets/fineweb10B_sp<V>/fineweb_val_bytes_NNNNNN.bin   byte sidecar, if the manifest has val_bytes_glob
   ROOT/tokenizers/fineweb_<V>_bpe.{model,vocab}
 Local layout: data/datasets/fineweb10B_sp<V>/, data/tokenizers/, and the manifest of each source at
 data/datasets/manifests/<owner>/<repo>/<ROOT>/manifest.json (kept for offline re-runs).
@@ -36,7 +39,10 @@ from build_shards import BuildError, sha256, shard_length, write_manifest  # dat
 OFFICIAL_REPO_ID = "willdepueoai/parameter-golf"
 # Exports that are not in the challenge's repo. kevclark/parameter-golf is the repo the SP4096 records
 # (2026-04-01, 2026-04-04) and every SP8192 record from 2026-04-05 (PR #1394) on download from.
-VARIANT_REPO_IDS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+VARIANT_REPO_IDS = {"sp4096": "kevclark/parameter-golf", "sp8192": "kevclark/parameter-golf",
+                    "sp8192_caseops": "romeerp/parameter-golf-caseops-v1"}
+# Our short names for exports published under a longer one (local folders keep the published names).
+VARIANT_NAMES = {"sp8192_caseops": "sp8192_lossless_caps_caseops_v1_reserved"}
 REMOTE_ROOT = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")
 DATA_DIR = Path(__file__).resolve().parent
 
@@ -113,12 +119,12 @@ def fetch_verified(fetcher, remote_root: str, rel: str, dest: Path, staging: Pat
 
 
 def dataset_dir(variant: str) -> str:
-    return f"datasets/fineweb10B_{variant}"
+    return f"datasets/fineweb10B_{VARIANT_NAMES.get(variant, variant)}"
 
 
 def find_entries(manifest: dict, variant: str) -> tuple[dict, dict]:
     """The source manifest's entries for `variant`'s dataset and for its tokenizer."""
-    name = f"fineweb10B_{variant}"
+    name = f"fineweb10B_{VARIANT_NAMES.get(variant, variant)}"
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == name), None)
     if entry is None:
         names = ", ".join(d.get("name", "?") for d in manifest.get("datasets", []))
@@ -137,6 +143,8 @@ def plan(manifest: dict, variant: str, train_shards: int) -> list[str]:
     if train_shards > n_train:
         raise DownloadError(f"{name} has only {n_train} training shards, {train_shards} requested")
     files = [f"{dataset_dir(variant)}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    if entry.get("val_bytes_glob"):  # the byte sidecar, one per validation shard (CaseOps)
+        files += [f"{dataset_dir(variant)}/fineweb_val_bytes_{i:06d}.bin" for i in range(n_val)]
     files += [f"{dataset_dir(variant)}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     files += [tok[k] for k in ("model_path", "vocab_path", "path") if tok.get(k)]
     for rel in files:  # they become paths under data/: never absolute, never climbing out of it
@@ -216,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     head, body = __doc__.split("\n\n", 1)
     ap = argparse.ArgumentParser(description=head, epilog=body, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default="sp1024",
-                    help="sp1024, sp4096 or sp8192 (any sp<V> the manifest lists): dataset fineweb10B_<variant>")
+                    help="sp1024, sp4096, sp8192 or sp8192_caseops (any sp<V> the manifest lists): "
+                         "dataset fineweb10B_<variant>")
     ap.add_argument("--train-shards", type=int, default=80,
                     help="leading training shards of 100M tokens (default 80; the sp8192 records used 128)")
     homes = ", ".join(f"{v}: {r}" for v, r in VARIANT_REPO_IDS.items())

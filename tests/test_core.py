@@ -60,9 +60,11 @@ def test_every_preset_resolves_as_before_the_settings_table():
     """Every preset resolves to the settings, derived values and artifact config committed at 0ebba41, before
     the settings became one table. Intended changes: VE_ENABLED is gone, and VE_ENABLED=0 is now an empty
     VE_LAYERS (as sp8192 sets it); the settings of ADDED_SINCE_0EBBA41 are new, and so are the presets but
-    pr549 and sp8192 (whose other name is pr1855)."""
+    pr549 and sp8192 (pr1855 is sp8192 on the CaseOps data)."""
     before = json.loads((ROOT / "tests" / "fixtures" / "resolved_settings_0ebba41.json").read_text())
-    assert sorted(before) == ["pr549", "sp8192"] and tg.PRESETS["sp8192"] is tg.PRESETS["pr1855"]
+    assert sorted(before) == ["pr549", "sp8192"]
+    caseops = {k: v for k, v in tg.PRESETS["pr1855"].items() if tg.PRESETS["sp8192"].get(k) != v}
+    assert sorted(caseops) == ["DATA_PATH", "TOKENIZER_PATH"] and "caseops" in caseops["DATA_PATH"]
     for preset, want in before.items():
         for part in ("settings", "model_config"):
             if not want[part].pop("VE_ENABLED"):
@@ -279,11 +281,14 @@ def test_data_order_depends_on_seed_not_path_spelling(tmp_path, monkeypatch):
     assert sorted(a[:4]) == [10, 11, 12, 13]  # each pass visits every shard once
 
 
-def test_validation_keeps_lineage_truncation(tmp_path):
+def test_validation_keeps_lineage_truncation(tiny_tokenizer, tmp_path, monkeypatch):
     _shard(tmp_path, "fineweb_val_000000.bin", np.arange(100) % 50)
     _shard(tmp_path, "fineweb_val_000001.bin", np.arange(37) % 50)
-    v = tg.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), 16, 64)
-    assert v.numel() == ((137 - 1) // 16) * 16 + 1
+    monkeypatch.chdir(tmp_path)
+    h = tg.Hyperparameters(tiny_env(tiny_tokenizer, tmp_path, EVAL_SEQ_LEN=16))
+    v, nbytes = tg.load_validation(h, tg.Context(h), tg.load_tokenizer(str(tiny_tokenizer), 320))
+    assert v.numel() == nbytes.numel() == ((137 - 1) // 16) * 16 + 1
+    assert v.tolist() == (list(range(50)) * 3)[:v.numel()]
 
 
 # ---------------------------------------------------------------- tokenizer and bytes
@@ -440,8 +445,8 @@ def test_trained_model_ends_as_the_ema_of_its_steps(tiny_tokenizer, tiny_data, t
 
     monkeypatch.setattr(tg, "train_step", step)
     sp = tg.load_tokenizer(str(tiny_tokenizer), 320)
-    val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", 32, 320)[:257]
-    tg.train_model(model, h, ctx, tg.Budget(h), val, tg.build_sentencepiece_luts(sp, 320, ctx.device))
+    val, val_bytes = tg.load_validation(h, ctx, sp)
+    tg.train_model(model, h, ctx, tg.Budget(h), val[:257], val_bytes[:257])
     assert len(seen) == 5
     ema = seen[0]
     for ps in seen[1:]:

@@ -86,7 +86,7 @@ def test_compiled_lora_ttt_compiles_every_graph_in_its_warmup_and_matches_eager(
         model.looping = True
         ctx = Ctx(master=True)
         ctx.compile = flag
-        out[flag] = tg.eval_val_ttt_lora(model, tg.compile_model(model, ctx), toks, h, ctx, luts)[:2]
+        out[flag] = tg.eval_val_ttt_lora(model, tg.compile_model(model, ctx), toks, h, ctx, tg.token_bytes(toks, luts))[:2]
         if flag:
             tg.log_compiled_graphs(ctx, "the pass")
             graphs = [m for m in ctx.logs if m.startswith("compile:")]
@@ -113,9 +113,9 @@ def test_every_eval_and_ttt_call_has_one_fixed_shape(sp, luts):
             return model(x, y)
 
         ctx = Ctx(2, rank)
-        tg.eval_val(model_fn, toks, h, ctx, luts)
-        tg.eval_val_sliding(model_fn, toks, h, ctx, luts)
-        tg.eval_val_ttt(model, model_fn, toks, h, ctx, luts, time.perf_counter())
+        tg.eval_val(model_fn, toks, h, ctx, tg.token_bytes(toks, luts))
+        tg.eval_val_sliding(model_fn, toks, h, ctx, tg.token_bytes(toks, luts))
+        tg.eval_val_ttt(model, model_fn, toks, h, ctx, tg.token_bytes(toks, luts), time.perf_counter())
     assert calls == {(True, (5, 32), (32, 1), (5, 32), True), (False, (2, 32), (32, 1), (2, 32), True)}, calls
 
 
@@ -168,11 +168,11 @@ def test_gptq_runs_on_the_training_clock_with_tf32_off(tiny_tokenizer, tiny_data
 
     monkeypatch.setattr(tg, "gptq_quantize", slow_gptq)
     monkeypatch.setattr(tg, "collect_hessians", collect)
-    val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", 32, 320)
+    val, val_bytes = tg.load_validation(h, ctx, tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE))
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # what Context sets on CUDA
     try:
-        path = tg.stage_train(h, ctx, val, luts)
+        path = tg.stage_train(h, ctx, val, val_bytes)
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(prev)
@@ -198,14 +198,14 @@ def test_evaluation_reads_no_gpu_value_per_batch(sp, luts):
     toks = stream(sp, 300)
     model = random_model(h)
     with HostSyncs() as syncs:
-        tg.eval_val_sliding(model, toks, h, Ctx(), luts, tg.TokenDump(300, "cpu"))
+        tg.eval_val_sliding(model, toks, h, Ctx(), tg.token_bytes(toks, luts), tg.TokenDump(300, "cpu"))
     assert syncs.count <= 1, syncs.count
     ctx = Ctx()
     counter = HostSyncs()
     ctx.sync = counter.bump
     n_chunks = -(-300 // 64)
     with counter:
-        tg.eval_val_ttt(model, model, toks, h, ctx, luts, time.perf_counter(), tg.TokenDump(300, "cpu"))
+        tg.eval_val_ttt(model, model, toks, h, ctx, tg.token_bytes(toks, luts), time.perf_counter(), tg.TokenDump(300, "cpu"))
     assert counter.count <= 3 * n_chunks + 2, counter.count  # vs. 70 scoring batches + 16 TTT steps
 
 
@@ -221,7 +221,7 @@ def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, *
     monkeypatch.chdir(tmp_path)
     h = tg.Hyperparameters(tiny_env(tiny_tokenizer, tiny_data, **{"WARMUP_STEPS": 0, "VAL_LOSS_EVERY": 0, **over}))
     ctx = tg.Context(h)
-    val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", 32, 320)
+    val, val_bytes = tg.load_validation(h, ctx, tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE))
     marks, lrs, lengths = [], [], []
     real_step = tg.train_step
 
@@ -237,9 +237,9 @@ def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, *
         monkeypatch.setattr(tg, "PROGRESS_SECONDS", float("inf"))  # a slow machine's progress line would sync
         ctx.sync = syncs.bump
         with syncs:
-            tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, luts)
+            tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, val_bytes)
     else:
-        tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, luts)
+        tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, val_bytes)
     _train.lengths = lengths
     return marks, lrs, (tmp_path / "logs" / f"{h.RUN_ID}.txt").read_text().split("=" * 100)[-1]
 
@@ -299,9 +299,8 @@ def _schedule_worker(rank, world, port, env, out):
             return 100.0 * (rank + 1) * len(lengths)
 
     tg.train_step, tg.Clock = step, RankClock
-    sp = tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
-    val = tg.load_validation_tokens(f"{h.DATA_PATH}/fineweb_val_*.bin", h.EVAL_SEQ_LEN, h.VOCAB_SIZE)
-    tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, tg.build_sentencepiece_luts(sp, 320, "cpu"))
+    val, val_bytes = tg.load_validation(h, ctx, tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE))
+    tg.train_model(tg.build_model(h, ctx), h, ctx, tg.Budget(h), val, val_bytes)
     Path(f"{out}.{rank}").write_text(" ".join(map(str, lengths)))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -652,6 +652,40 @@ def test_download_repo_override_wins(hubs, tmp_path, monkeypatch, capsys):
     assert hubs["willdepueoai/parameter-golf"].calls == ["datasets/manifest.json"]
 
 
+CASEOPS_NAME = "sp8192_lossless_caps_caseops_v1_reserved"
+
+
+def caseops_export() -> dict[str, bytes]:
+    """romeerp/parameter-golf-caseops-v1 as the CaseOps records use it: the SP8192 layout under the export's
+    long name, a val_bytes_glob, and a byte sidecar beside each validation shard."""
+    rng = np.random.default_rng(5)
+    d, tok = f"datasets/fineweb10B_{CASEOPS_NAME}", "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"
+    val = rng.integers(0, 8192, 400)
+    val[::50] = 1
+    blobs = {f"{d}/fineweb_val_000000.bin": shard_bytes(val),
+             f"{d}/fineweb_val_bytes_000000.bin": shard_bytes(np.where(val == 1, 0, rng.integers(0, 9, 400))),
+             f"{d}/fineweb_train_000000.bin": shard_bytes(rng.integers(0, 8192, 600)),
+             f"{tok}.model": tiny_model(TINY_PIECES[8192]), f"{tok}.vocab": b"vocab caseops"}
+    manifest = {"datasets": [{"name": f"fineweb10B_{CASEOPS_NAME}", "tokenizer_name": "caseops_8192",
+                              "val_bytes_glob": "fineweb_val_bytes_*.bin", "stats": {"files_val": 1, "files_train": 1}}],
+                "tokenizers": [{"name": "caseops_8192", "model_path": f"{tok}.model", "vocab_path": f"{tok}.vocab"}]}
+    blobs["manifest.json"] = json.dumps(manifest).encode()
+    return {f"datasets/{k}": v for k, v in blobs.items()}
+
+
+def test_download_caseops_with_its_byte_sidecar(hubs, tmp_path):
+    hub = hubs["romeerp/parameter-golf-caseops-v1"] = FakeHub(caseops_export())
+    assert dl.main(["--variant", "sp8192_caseops", "--train-shards", "1", "--data-dir", str(tmp_path)]) == 0
+    assert sorted(hub.calls) == sorted(hub.files) and hubs["kevclark/parameter-golf"].calls == []
+    for remote, data in hub.files.items():
+        if not remote.endswith("manifest.json"):
+            assert (tmp_path / remote[len("datasets/"):]).read_bytes() == data
+    shard_dir = tmp_path / f"datasets/fineweb10B_{CASEOPS_NAME}"
+    side = bs.read_shard(shard_dir / "fineweb_val_bytes_000000.bin")
+    assert read_manifest(shard_dir)["byte_sidecar"] == {"shards": 1, "tokens": 400, "bytes": int(side.sum())}
+    assert read_manifest(shard_dir)["splits"]["val"]["tokens"] == 400
+
+
 def test_download_refuses_unsafe_manifest_paths():
     manifest = json.loads(fake_export(8192)["datasets/manifest.json"])
     for bad in ("../../etc/x.model", "/abs/x.model"):
@@ -674,3 +708,6 @@ def test_download_cli_offline_uses_real_hub_client(tmp_path):
     r = subprocess.run([sys.executable, str(DATA / "cached_challenge_fineweb.py"), "--variant", "sp8192",
                         "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "kevclark/parameter-golf" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(DATA / "cached_challenge_fineweb.py"), "--variant", "sp8192_caseops",
+                        "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "romeerp/parameter-golf-caseops-v1" in r.stderr and "offline" in r.stderr

@@ -55,7 +55,7 @@ def test_eval_val_sliding_counts_every_target_once(sp, luts, meters, world):
     nll = torch.zeros(n)
     for rank in range(world):
         dump = tg.TokenDump(n, "cpu")
-        tg.eval_val_sliding(model, toks, h, Ctx(world, rank), luts, dump)
+        tg.eval_val_sliding(model, toks, h, Ctx(world, rank), tg.token_bytes(toks, luts), dump)
         part = dump.nll
         assert not ((part != 0) & (nll != 0)).any()  # no target scored by two ranks
         nll += part
@@ -73,7 +73,7 @@ def test_short_stream_nlls_equal_one_full_context_pass(sp, luts, n):
     h = hparams(EVAL_SEQ_LEN=32, EVAL_STRIDE=8)
     model, toks = random_model(h), stream(sp, n)
     dump = tg.TokenDump(n, "cpu")
-    tg.eval_val_sliding(model, toks, h, Ctx(), luts, dump)
+    tg.eval_val_sliding(model, toks, h, Ctx(), tg.token_bytes(toks, luts), dump)
     nll = dump.nll
     with torch.no_grad():
         direct = model(toks[None, :-1], toks[None, 1:])[0]
@@ -87,7 +87,7 @@ def test_long_stream_nlls_equal_direct_window_computation(sp, luts):
     model, toks = random_model(h), stream(sp, 203)
     n, W = toks.numel() - 1, h.EVAL_SEQ_LEN
     dump = tg.TokenDump(n, "cpu")
-    tg.eval_val_sliding(model, toks, h, Ctx(), luts, dump)
+    tg.eval_val_sliding(model, toks, h, Ctx(), tg.token_bytes(toks, luts), dump)
     nll = dump.nll
     with torch.no_grad():
         full = model(toks[None, :-1], toks[None, 1:])[0]
@@ -114,9 +114,9 @@ def per_target_nll(mode, model, toks, h, luts, ctx=None):
     model = copy.deepcopy(model)
     ctx = ctx or Ctx()
     if mode == "sliding":
-        tg.eval_val_sliding(model, toks, h, ctx, luts, dump)
+        tg.eval_val_sliding(model, toks, h, ctx, tg.token_bytes(toks, luts), dump)
     else:
-        tg.eval_val_ttt(model, model, toks, h, ctx, luts, time.perf_counter(), dump)
+        tg.eval_val_ttt(model, model, toks, h, ctx, tg.token_bytes(toks, luts), time.perf_counter(), dump)
     return dump.nll
 
 
@@ -156,12 +156,13 @@ def test_ttt_trains_only_on_targets_already_scored(sp, luts, monkeypatch, chunk)
         return model(x, y)
 
     class Spy(tg.BpbMeter):
-        def add(self, nll, prev, tgt, luts, mask=None):
-            events.append(("score", set((tgt - 1)[mask].tolist())))
-            super().add(nll, prev, tgt, luts, mask)
+        def add(self, nll, nbytes, mask):
+            events.append(("score", set((nbytes[mask] - 1).tolist())))
+            super().add(nll, nbytes, mask)
 
     monkeypatch.setattr(tg, "BpbMeter", Spy)
-    tg.eval_val_ttt(model, model_fn, toks, h, Ctx(), luts, time.perf_counter())
+    # each target charged its token id (= its position): the spy reads the scored targets off the charges
+    tg.eval_val_ttt(model, model_fn, toks, h, Ctx(), toks.clone(), time.perf_counter())
     scored, trained = set(), set()
     for kind, targets in events:
         if kind == "score":
@@ -191,7 +192,7 @@ def test_frozen_blocks_do_not_change_during_ttt(sp, luts):
     h = ttt_hparams(TTT_FREEZE_BLOCKS=1)
     model, toks = random_model(h), stream(sp, 200)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    tg.eval_val_ttt(model, model, toks, h, Ctx(), luts, time.perf_counter())
+    tg.eval_val_ttt(model, model, toks, h, Ctx(), tg.token_bytes(toks, luts), time.perf_counter())
     after, n = model.state_dict(), h.NUM_LAYERS
     for bank, frozen in (("qo_bank", [0, n]), ("kv_bank", [0, n]), ("mlp_up_bank", [0]), ("mlp_down_bank", [0])):
         for j in range(after[bank].size(0)):
@@ -217,8 +218,8 @@ def test_counted_bytes_equal_utf8_bytes_of_the_decoded_documents(sp, luts, meter
     assert want > sum(len(d) for d in docs)  # multi-byte characters and byte-fallback pieces are present
     h = ttt_hparams(TTT_EPOCHS=1, TTT_CHUNK_TOKENS=256)
     model = random_model(h)
-    tg.eval_val_sliding(model, toks, h, Ctx(), luts)
-    tg.eval_val_ttt(copy.deepcopy(model), model, toks, h, Ctx(), luts, time.perf_counter())
+    tg.eval_val_sliding(model, toks, h, Ctx(), tg.token_bytes(toks, luts))
+    tg.eval_val_ttt(copy.deepcopy(model), model, toks, h, Ctx(), tg.token_bytes(toks, luts), time.perf_counter())
     assert len(meters) == 2
     for m in meters:
         assert m.sums[1].item() == toks.numel() - 1
@@ -236,13 +237,13 @@ def test_budget_guard_stops_adaptation_but_scores_everything(sp, luts, meters, h
     model, toks = random_model(h), stream(sp, 300)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx, dump = Ctx(), tg.TokenDump(toks.numel() - 1, "cpu")
-    vl, vb = tg.eval_val_ttt(model, model, toks, h, ctx, luts, t_eval0, dump)
+    vl, vb = tg.eval_val_ttt(model, model, toks, h, ctx, tg.token_bytes(toks, luts), t_eval0, dump)
     nll = dump.nll
     assert any(m.startswith("ttt:budget_stop chunk:1/") for m in ctx.logs), ctx.logs
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert meters[0].sums[1].item() == toks.numel() - 1 and (nll > 0).all()
     ref = tg.TokenDump(nll.numel(), "cpu")
-    svl, svb = tg.eval_val_sliding(model, toks, h, Ctx(), luts, ref)
+    svl, svb = tg.eval_val_sliding(model, toks, h, Ctx(), tg.token_bytes(toks, luts), ref)
     ref = ref.nll
     torch.testing.assert_close(nll, ref, rtol=1e-6, atol=1e-6)
     assert vl == pytest.approx(svl, rel=1e-7) and vb == pytest.approx(svb, rel=1e-7)

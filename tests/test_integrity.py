@@ -111,7 +111,7 @@ def test_under_torchrun_the_error_is_printed_once(tiny_tokenizer, tiny_data, tmp
     mine = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode != 0 and len(mine) == 1, r.stderr[-3000:]
     assert "train_gpt.py\", line" not in r.stderr  # no traceback of ours (torchrun prints its own)
-    assert mine[0].startswith("error: FileNotFoundError: no shard matches") and "fineweb_val_*.bin" in mine[0]
+    assert mine[0].startswith("error: FileNotFoundError: no shard matches") and tg.VAL_SHARDS in mine[0]
     log = (tmp_path / "logs" / "two.txt").read_text()
     assert log.count("Traceback (most recent call last)") == 1 and "rank 1: error: FileNotFoundError" in log
 
@@ -164,6 +164,6 @@ def test_slow_evaluation_prints_progress(sp, luts, monkeypatch):
     h = tiny_hparams(EVAL_SEQ_LEN=32, EVAL_STRIDE=8, EVAL_BATCH_SEQS=4)
     monkeypatch.setattr(tg, "PROGRESS_SECONDS", 0.0)
     ctx = Ctx()
-    tg.eval_val_sliding(random_model(h), stream(sp, 200), h, ctx, luts)
+    tg.eval_val_sliding(random_model(h), stream(sp, 200), h, ctx, tg.token_bytes(stream(sp, 200), luts))
     lines = [m for m in ctx.logs if m.startswith("eval_progress")]
     assert lines and re.fullmatch(r"eval_progress windows:\d+/\d+ \(this rank's\)", lines[-1])

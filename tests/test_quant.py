@@ -1308,8 +1308,9 @@ def test_gptq_calibrates_on_training_shards_only(tiny_tokenizer, tiny_data, luts
         write_shard(data / "fineweb_val_000000.bin", val_ids)
         monkeypatch.chdir(run_dir)
         h = tg.Hyperparameters(tiny_env(tiny_tokenizer, data, ITERATIONS=0, WARMUP_STEPS=0, COMPILE=0, RUN_ID=name))
-        val_tokens = tg.load_validation_tokens(f"{data}/fineweb_val_*.bin", 32, 320)
-        runs.append((val_tokens, tg.read_artifact(tg.stage_train(h, tg.Context(h), val_tokens, luts))))
+        ctx = tg.Context(h)
+        val_tokens, val_bytes = tg.load_validation(h, ctx, tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE))
+        runs.append((val_tokens, tg.read_artifact(tg.stage_train(h, ctx, val_tokens, val_bytes))))
     (val_a, (_, meta_a, entries_a)), (val_b, (_, meta_b, entries_b)) = runs
     assert val_a.shape == val_b.shape and (val_a != val_b).all()
     assert meta_a["prequant_val_bpb"] != meta_b["prequant_val_bpb"]  # the stage did read the changed val set

@@ -90,7 +90,7 @@ def lora_run(base_model, luts):
         with_caps(model, h)
         val = torch.tensor(toks, dtype=torch.int64)
         dump = tg.TokenDump(val.numel() - 1, "cpu")
-        vl, vb, _ = tg.eval_val_ttt_lora(model, model, val, h, ctx, luts, dump)
+        vl, vb, _ = tg.eval_val_ttt_lora(model, model, val, h, ctx, tg.token_bytes(val, luts), dump)
         return Result(vl, vb, dump, ctx.logs, model)
 
     def run(toks: torch.Tensor, **over):
@@ -207,7 +207,7 @@ def traced(corpus, base_model, luts):
         mp.setattr(tg.LoraTTT, "pause", pause)
         mp.setattr(tg.LoraTTT, "warmup", warmup)
         ctx = Ctx(events=events)
-        vl, vb, ttt_s = tg.eval_val_ttt_lora(model, model, val, h, ctx, luts, dump)
+        vl, vb, ttt_s = tg.eval_val_ttt_lora(model, model, val, h, ctx, tg.token_bytes(toks, luts), dump)
     Watched.events = []
     return dict(events=events, meters=made, pauses=pauses, dump=dump, warm=warm, logs=ctx.logs, vl=vl,
                 model=model, ttt_s=ttt_s)
@@ -391,7 +391,7 @@ def test_budget_stop_scores_everything_with_the_plain_model(corpus, lora_run, ba
     toks, _ = corpus
     h, ctx, model = lora_h(EVAL_BUDGET_SECONDS=1e-6), Ctx(), copy.deepcopy(base_model)
     dump = tg.TokenDump(toks.numel() - 1, "cpu")
-    vl, vb, _ = tg.eval_val_ttt_lora(model, model, toks, h, ctx, luts, dump)
+    vl, vb, _ = tg.eval_val_ttt_lora(model, model, toks, h, ctx, tg.token_bytes(toks, luts), dump)
     assert any(m.startswith("ttt:budget_stop batch:1/5 ") for m in ctx.logs), ctx.logs
     assert not any(m.startswith("ttpp:") for m in ctx.logs)
     for k, v in base_model.state_dict().items():
@@ -550,7 +550,7 @@ def test_short_documents_get_their_chunk_and_every_target_is_scored_once(corpus,
     n = toks.numel() - 1
     h, model = lora_h(**LATER), copy.deepcopy(base_model)
     dump = HitDump(n)
-    tg.eval_val_ttt_lora(with_caps(model, h), model, toks, h, Ctx(), luts, dump)
+    tg.eval_val_ttt_lora(with_caps(model, h), model, toks, h, Ctx(), tg.token_bytes(toks, luts), dump)
     assert sorted({short_chunk(k) for _, k in docs}) == [2, 4, 8]
     assert (dump.hits == 1).all() and meters[0].sums[1].item() == n
     assert meters[0].sums[2].item() == tg.target_bytes(toks[:-1], toks[1:], luts).sum().item()
@@ -594,7 +594,7 @@ def test_asymmetric_caps_move_only_in_the_pauses(corpus, base_model, luts, lora_
     with pytest.MonkeyPatch.context() as mp:
         for name in real:
             mp.setattr(tg.LoraTTT, name, spy(name))
-        tg.eval_val_ttt_lora(model, model, toks, h, Ctx(), luts)
+        tg.eval_val_ttt_lora(model, model, toks, h, Ctx(), tg.token_bytes(toks, luts))
     assert torch.equal(seen[0][1], torch.full((2,), 2.0))
     assert [n for n, _, _ in seen].count("pause") == 2 and len(seen) == 7
     for name, before, after in seen:

@@ -125,5 +125,5 @@ def test_luts_count_exactly_the_decoded_bytes_of_every_document(built):
         assert got == expected, (k, built["val"][k], sp.decode(ids))
         total += expected
     meter = tg.BpbMeter(torch.device("cpu"))  # the evaluation's own accumulator agrees
-    meter.add(torch.zeros(tgt.numel()), prev, tgt, luts, torch.ones(tgt.numel(), dtype=torch.bool))
+    meter.add(torch.zeros(tgt.numel()), tg.target_bytes(prev, tgt, luts), torch.ones(tgt.numel(), dtype=torch.bool))
     assert meter.sums[2].item() == total and meter.sums[1].item() == tokens.size - 1

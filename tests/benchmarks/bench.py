@@ -86,7 +86,7 @@ def main():
     luts = (torch.ones(V, dtype=torch.int16, device=ctx.device), torch.zeros(V, dtype=torch.bool, device=ctx.device),
             torch.zeros(V, dtype=torch.bool, device=ctx.device))
     model.eval()
-    sl_s = timed(ctx, lambda: tg.eval_val_sliding(model_c, val, h, ctx, luts))
+    sl_s = timed(ctx, lambda: tg.eval_val_sliding(model_c, val, h, ctx, tg.token_bytes(val, luts)))
     n_win = len(tg.sliding_windows(val.numel() - 1, W, h.EVAL_STRIDE))
     total_win = VAL_TARGETS // h.EVAL_STRIDE
     rows += [("sliding eval (windows/s)", f"{n_win / sl_s:,.0f}"),
@@ -97,7 +97,7 @@ def main():
     chunk = torch.randint(0, V, (C + W + 1,), device=ctx.device)
     wins = tg.sliding_windows(C, W, h.EVAL_STRIDE)
     def ttt_chunk():
-        tg.score_windows(model_c, chunk, wins, h, ctx, luts, tg.BpbMeter(ctx.device), None)
+        tg.score_windows(model_c, chunk, wins, h, ctx, tg.token_bytes(chunk, luts), tg.BpbMeter(ctx.device), None)
         model.train()
         tg.ttt_train_chunk(model_c, state, chunk, 0, C, h.TTT_LR, h, ctx)
         model.eval()

@@ -43,22 +43,25 @@ def build(args, work: Path) -> dict[str, tuple[Path, Path, int]]:
     return out
 
 
-def run(preset: str, data: Path, tok: Path, vocab: int, steps: int, work: Path) -> dict:
+def run(preset: str, data: Path, tok: Path, vocab: int, steps: int, work: Path, name: str = "") -> dict:
+    """train_gpt.py with `preset` at SHAPE on `data`; the parsed log, under `name` (default: the preset)."""
+    name = name or preset
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update({k: str(v) for k, v in SHAPE.items()}, PRESET=preset, DATA_PATH=str(data), TOKENIZER_PATH=str(tok),
-               VOCAB_SIZE=str(vocab), ITERATIONS=str(steps), RUN_ID=f"bench_{preset}")
+               VOCAB_SIZE=str(vocab), ITERATIONS=str(steps), RUN_ID=f"bench_{name}")
     if preset == "pr549":  # its 3500 of ~7,200 steps at 8xH100 ~ the last half; sp8192 warms down by fraction
         env["WARMDOWN_ITERS"] = str(steps // 2)
     t0 = datetime.datetime.now()
     r = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=work, env=env, capture_output=True, text=True)
     if r.returncode:
-        sys.exit(f"{preset} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return parse(preset, (work / "logs" / f"bench_{preset}.txt").read_text(), datetime.datetime.now() - t0)
+        sys.exit(f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return parse(name, (work / "logs" / f"bench_{name}.txt").read_text(), datetime.datetime.now() - t0)
 
 
 def parse(preset: str, log: str, took: datetime.timedelta) -> dict:
     grab = lambda pat: float(re.findall(pat, log, re.M)[-1])  # the last match: step_avg over the whole run
     return dict(preset=preset, params=int(grab(r"^model_params:(\d+)")),
+                val_bytes=int(grab(r"^val_bpb:byte_\w+(?::enabled files:\d+)? bytes:(\d+)")),
                 step_ms=grab(r"^step:\d+/\d+ train_loss:[\d.]+ train_time:\d+ms step_avg:([\d.]+)ms tok_s"),
                 prequant=grab(r"^DIAGNOSTIC post_ema val_loss:[\d.]+ val_bpb:([\d.]+)"),
                 roundtrip=grab(r"^final_int6_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)"),

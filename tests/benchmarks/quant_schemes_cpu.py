@@ -53,13 +53,11 @@ def hparams(data: Path, args, **over) -> tg.Hyperparameters:
 
 
 def setup(data: Path, args):
-    """Settings, context, a fresh model, validation tokens and byte LUTs (TRAIN_SEQ_LEN == EVAL_SEQ_LEN)."""
+    """Settings, context, a fresh model, validation tokens and their bytes (TRAIN_SEQ_LEN == EVAL_SEQ_LEN)."""
     h = hparams(data, args)
     ctx = tg.Context(h)
-    sp = tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE)
-    luts = tg.build_sentencepiece_luts(sp, h.VOCAB_SIZE, ctx.device)
-    val = tg.load_validation_tokens(f"{data}/fineweb_val_*.bin", h.EVAL_SEQ_LEN, h.VOCAB_SIZE)
-    return h, ctx, tg.build_model(h, ctx), val, luts
+    val, val_bytes = tg.load_validation(h, ctx, tg.load_tokenizer(h.TOKENIZER_PATH, h.VOCAB_SIZE))
+    return h, ctx, tg.build_model(h, ctx), val, val_bytes
 
 
 def train(data: Path, args, work: Path) -> dict:
@@ -67,9 +65,9 @@ def train(data: Path, args, work: Path) -> dict:
     ckpt = work / "trained.pt"
     if ckpt.exists():
         return torch.load(ckpt)
-    h, ctx, model, val, luts = setup(data, args)
+    h, ctx, model, val, val_bytes = setup(data, args)
     t0 = time.time()
-    tg.train_model(model, h, ctx, tg.Budget(h), val, luts)
+    tg.train_model(model, h, ctx, tg.Budget(h), val, val_bytes)
     out = {"state": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
            "minutes": (time.time() - t0) / 60}
     torch.save(out, ckpt)
@@ -104,15 +102,15 @@ def one_stream_bytes(entries: dict) -> int:
     return min(len(tg._codec(c)[0](raw)) for c in tg.available_codecs())
 
 
-def evaluate(model, state: dict, h, ctx, val, luts) -> float:
+def evaluate(model, state: dict, h, ctx, val, val_bytes) -> float:
     model.load_state_dict(state, strict=True)
     with torch.no_grad():
-        return tg.eval_val(model, val, h, ctx, luts)[1]
+        return tg.eval_val(model, val, h, ctx, val_bytes)[1]
 
 
 def sweep(trained: dict, data: Path, args) -> tuple[list[dict], float]:
-    h, ctx, model, val, luts = setup(data, args)
-    fp32 = evaluate(model, trained["state"], h, ctx, val, luts)
+    h, ctx, model, val, val_bytes = setup(data, args)
+    fp32 = evaluate(model, trained["state"], h, ctx, val, val_bytes)
     h.MAX_WALLCLOCK_SECONDS = 0  # calibration is not timed here
     loader = tg.DistributedTokenLoader(f"{data}/fineweb_train_*.bin", 0, 1, ctx.device, h.VOCAB_SIZE, h.SEED)
     clock = tg.Clock(ctx)
@@ -128,7 +126,7 @@ def sweep(trained: dict, data: Path, args) -> tuple[list[dict], float]:
             entries = tg.quantize_state(model, {k: v for k, v in hess.items() if i or k != "tok_emb"}, hs, ctx)
         blob, report = tg.pack(entries, tg.model_config(hs), {})
         config, _, read = tg.unpack(blob)
-        bpb = evaluate(model, tg.dequantize_state(read, hs.NUM_LAYERS), hs, ctx, val, luts)
+        bpb = evaluate(model, tg.dequantize_state(read, hs.NUM_LAYERS), hs, ctx, val, val_bytes)
         row = dict(label=label, settings=over, bytes=len(blob), one_stream=one_stream_bytes(entries),
                    gap=bpb - fp32, fit_gap=bpb - fp32)
         budget = budget or len(blob)
@@ -136,7 +134,7 @@ def sweep(trained: dict, data: Path, args) -> tuple[list[dict], float]:
             try:
                 fitted = tg.fit_artifact(entries, tg.model_config(hs), {}, 0, budget, ctx)
                 fit_state = tg.dequantize_state(tg.unpack(fitted)[2], hs.NUM_LAYERS)
-                row["fit_gap"] = evaluate(model, fit_state, hs, ctx, val, luts) - fp32
+                row["fit_gap"] = evaluate(model, fit_state, hs, ctx, val, val_bytes) - fp32
             except RuntimeError:  # over even with every +-1 code pruned
                 row["fit_gap"] = float("inf")
         rows.append(row | dict(secs=time.time() - t0))
