@@ -16,7 +16,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, FakeCtx, doc_stream, random_model, run_script, tiny_env, write_shard
+from conftest import ROOT, FakeCtx, doc_stream, make_text, random_model, run_script, tiny_env, write_shard
 from conftest import tiny_hparams as hparams
 
 sys.path.insert(0, str(ROOT / "data"))
@@ -248,7 +248,6 @@ def plain_with_sidecar(tiny_tokenizer, tmp_path_factory):
     """The tiny tokenizer's shards of documents its normalizer keeps whole, built with a byte sidecar
     (--byte-sidecar), and the same shards without one."""
     d = tmp_path_factory.mktemp("plain")
-    from conftest import make_text
     write_docs(d / "docs.jsonl", make_text(120, 11))
     bs.build([d / "docs.jsonl"], tiny_tokenizer, d / "side", val_docs=30, progress=False, workers=1, sidecar=True)
     shutil.copytree(d / "side", d / "luts", ignore=shutil.ignore_patterns("fineweb_val_bytes_*", "manifest.json"))

@@ -147,7 +147,7 @@ def test_sdpa_is_pinned_to_fused_kernels_on_gpu():
 
 # ---------------------------------------------------------------- GPTQ on the training clock, TF32 off
 
-def test_gptq_runs_on_the_training_clock_with_tf32_off(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+def test_gptq_runs_on_the_training_clock_with_tf32_off(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
     """The GPTQ solve runs between calibration and `gptq:done` on the training clock (so the artifact's
     train_time includes it), Hessians and GPTQ run with TF32 off, and the precision is restored after."""
     monkeypatch.chdir(tmp_path)
@@ -217,7 +217,7 @@ class StepClock(tg.Clock):
         return 100.0 * self.steps[0]
 
 
-def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, **over):
+def _train(tiny_tokenizer, tiny_data, tmp_path, monkeypatch, syncs=None, **over):
     monkeypatch.chdir(tmp_path)
     h = tg.Hyperparameters(tiny_env(tiny_tokenizer, tiny_data, **{"WARMUP_STEPS": 0, "VAL_LOSS_EVERY": 0, **over}))
     ctx = tg.Context(h)
@@ -244,35 +244,35 @@ def _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, syncs=None, *
     return marks, lrs, (tmp_path / "logs" / f"{h.RUN_ID}.txt").read_text().split("=" * 100)[-1]
 
 
-def test_training_waits_for_the_gpu_only_every_few_steps(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+def test_training_waits_for_the_gpu_only_every_few_steps(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
     """Past the 10 logged steps, a training step makes no host sync except one clock reading every
     CLOCK_SYNC_EVERY steps (before: two synchronizes and one .item() in every step)."""
-    marks, _, _ = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, HostSyncs(), ITERATIONS=41,
+    marks, _, _ = _train(tiny_tokenizer, tiny_data, tmp_path, monkeypatch, HostSyncs(), ITERATIONS=41,
                          TRAIN_LOG_EVERY=0, MAX_WALLCLOCK_SECONDS=3600, GPTQ_RESERVE_SECONDS=5)
     per_step = np.diff(marks)[10:]  # syncs between the starts of steps 11..40
     assert len(per_step) == 30 and per_step.max() <= 2 and per_step.sum() <= 3, per_step.tolist()
 
 
-def test_wallclock_stop_and_lr_follow_the_agreed_clock(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+def test_wallclock_stop_and_lr_follow_the_agreed_clock(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
     """At 100 ms per step and a 1.5 s budget (2 s cap - 0.5 s reserve), the clock read at step 10 plans the stop
     at step 15; the LR between readings extrapolates the agreed time (warmdown 4 steps = 400 ms)."""
     StepClock.steps[0] = 0
     monkeypatch.setattr(tg, "Clock", StepClock)
-    _, lrs, log = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=4,
+    _, lrs, log = _train(tiny_tokenizer, tiny_data, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=4,
                          MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, TRAIN_LOG_EVERY=0)
     assert lrs == pytest.approx([1.0] * 12 + [0.75, 0.5, 0.25])
     assert re.search(r"^step:15/100 val_loss:\S+ val_bpb:\S+ train_time:1500ms", log, re.M)
     assert re.search(r"^stopping_early: wallclock_cap train_time:1500ms step:15/100$", log, re.M)
 
 
-def test_progressive_context_switches_at_the_agreed_step_with_an_lr_ramp(tiny_tokenizer, tiny_data, luts, tmp_path,
+def test_progressive_context_switches_at_the_agreed_step_with_an_lr_ramp(tiny_tokenizer, tiny_data, tmp_path,
                                                                           monkeypatch):
     """TRAIN_SEQ_SCHEDULE=16@0.5,32@1.0 at 100 ms per step and a 1.5 s budget: the agreed clock first says 1000 ms
     (share 0.67) at step 10, so steps 0-9 run 16-token rows and steps 10-14 32-token rows (the same tokens per step,
     every rank: the share is the agreed clock's); the LR ramps over SEQ_CHANGE_WARMUP_STEPS=3 steps after it."""
     StepClock.steps[0] = 0
     monkeypatch.setattr(tg, "Clock", StepClock)
-    _, lrs, log = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=0,
+    _, lrs, log = _train(tiny_tokenizer, tiny_data, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=0,
                          MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, TRAIN_LOG_EVERY=0,
                          TRAIN_SEQ_SCHEDULE="16@0.5,32@1.0", SEQ_CHANGE_WARMUP_STEPS=3)
     assert _train.lengths == [16] * 10 + [32] * 5
@@ -383,12 +383,12 @@ class StallClock(StepClock):
         return 100.0 * self.steps[0] + (900.0 if self.steps[0] >= 13 else 0.0)
 
 
-def test_training_stops_right_after_a_stall_near_the_end(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+def test_training_stops_right_after_a_stall_near_the_end(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
     """train_model reads the clock every step near the end: a 1 s stall in step 13 of a 1.5 s budget ends
     training at step 13 (2.2 s) instead of the planned step 15 (2.4 s)."""
     StepClock.steps[0] = 0
     monkeypatch.setattr(tg, "Clock", StallClock)
-    _, _, log = _train(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=4,
+    _, _, log = _train(tiny_tokenizer, tiny_data, tmp_path, monkeypatch, ITERATIONS=100, WARMDOWN_ITERS=4,
                        MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0.5, TRAIN_LOG_EVERY=0)
     assert re.search(r"^stopping_early: wallclock_cap train_time:2200ms step:13/100$", log, re.M), log[-2000:]
 

@@ -138,7 +138,7 @@ def test_changing_future_tokens_never_changes_earlier_scores(sp, luts, mode, p):
 
 
 @pytest.mark.parametrize("chunk", [60, 64])
-def test_ttt_trains_only_on_targets_already_scored(sp, luts, monkeypatch, chunk):
+def test_ttt_trains_only_on_targets_already_scored(sp, monkeypatch, chunk):
     """Event order of score-first TTT: no target is trained on before it is scored, and none is scored after
     being trained on. Token ids equal positions here, so labels seen by the model identify targets (TTT
     padding carries label -100, which cross-entropy ignores); no input token of a TTT step lies past its chunk."""

@@ -1281,7 +1281,7 @@ def test_calibration_leaves_time_for_the_gptq_solve():
     assert ends[0] < ends[1] - 200
 
 
-def test_gptq_calibrates_on_training_shards_only(tiny_tokenizer, tiny_data, luts, tmp_path, monkeypatch):
+def test_gptq_calibrates_on_training_shards_only(tiny_tokenizer, tiny_data, tmp_path, monkeypatch):
     """The training stage (train, calibrate, GPTQ, pack) run twice in-process, the second time with every
     token of the validation shard replaced by another id (same length): the Hessians and every stored tensor
     of the artifact are bit-identical, while the pre-quantization score, which does read the validation set,
