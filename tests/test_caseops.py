@@ -302,11 +302,6 @@ def test_every_evaluation_path_charges_the_given_bytes(sp, meters, path):
     assert vb == pytest.approx(vl * n / (np.log(2) * charged[1:].sum().item()), rel=1e-12)
 
 
-def sidecar_dir(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
 @pytest.mark.parametrize("damage, needle", [
     ("truncate", r"has \d+ values for the \d+ tokens"),
     ("rename", "do not pair with the validation shards"),
@@ -314,7 +309,7 @@ def sidecar_dir(src: Path, dst: Path) -> Path:
     ("delete", "lists a byte sidecar, but no fineweb_val_bytes_"),
 ])
 def test_a_bad_sidecar_is_an_error(tiny_tokenizer, plain_with_sidecar, monkeypatch, tmp_path, damage, needle):
-    d = sidecar_dir(plain_with_sidecar / "side", tmp_path / "data")
+    d = shutil.copytree(plain_with_sidecar / "side", tmp_path / "data")
     side = d / "fineweb_val_bytes_000000.bin"
     values = bs.read_shard(side)
     if damage == "truncate":

@@ -86,7 +86,8 @@ def test_compiled_lora_ttt_compiles_every_graph_in_its_warmup_and_matches_eager(
         model.looping = True
         ctx = Ctx(master=True)
         ctx.compile = flag
-        out[flag] = tg.eval_val_ttt_lora(model, tg.compile_model(model, ctx), toks, h, ctx, tg.token_bytes(toks, luts))[:2]
+        charged = tg.token_bytes(toks, luts)
+        out[flag] = tg.eval_val_ttt_lora(model, tg.compile_model(model, ctx), toks, h, ctx, charged)[:2]
         if flag:
             tg.log_compiled_graphs(ctx, "the pass")
             graphs = [m for m in ctx.logs if m.startswith("compile:")]
@@ -205,7 +206,8 @@ def test_evaluation_reads_no_gpu_value_per_batch(sp, luts):
     ctx.sync = counter.bump
     n_chunks = -(-300 // 64)
     with counter:
-        tg.eval_val_ttt(model, model, toks, h, ctx, tg.token_bytes(toks, luts), time.perf_counter(), tg.TokenDump(300, "cpu"))
+        tg.eval_val_ttt(model, model, toks, h, ctx, tg.token_bytes(toks, luts), time.perf_counter(),
+                        tg.TokenDump(300, "cpu"))
     assert counter.count <= 3 * n_chunks + 2, counter.count  # vs. 70 scoring batches + 16 TTT steps
 
 

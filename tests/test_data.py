@@ -667,7 +667,8 @@ def caseops_export() -> dict[str, bytes]:
              f"{d}/fineweb_train_000000.bin": shard_bytes(rng.integers(0, 8192, 600)),
              f"{tok}.model": tiny_model(TINY_PIECES[8192]), f"{tok}.vocab": b"vocab caseops"}
     manifest = {"datasets": [{"name": f"fineweb10B_{CASEOPS_NAME}", "tokenizer_name": "caseops_8192",
-                              "val_bytes_glob": "fineweb_val_bytes_*.bin", "stats": {"files_val": 1, "files_train": 1}}],
+                              "val_bytes_glob": "fineweb_val_bytes_*.bin",
+                              "stats": {"files_val": 1, "files_train": 1}}],
                 "tokenizers": [{"name": "caseops_8192", "model_path": f"{tok}.model", "vocab_path": f"{tok}.vocab"}]}
     blobs["manifest.json"] = json.dumps(manifest).encode()
     return {f"datasets/{k}": v for k, v in blobs.items()}

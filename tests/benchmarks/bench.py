@@ -83,10 +83,9 @@ def main():
     # sliding eval: windows/s for full windows, stride EVAL_STRIDE
     W = h.EVAL_SEQ_LEN
     val = torch.randint(0, V, (a.eval_windows * h.EVAL_STRIDE + W + 1,), device=ctx.device)
-    luts = (torch.ones(V, dtype=torch.int16, device=ctx.device), torch.zeros(V, dtype=torch.bool, device=ctx.device),
-            torch.zeros(V, dtype=torch.bool, device=ctx.device))
     model.eval()
-    sl_s = timed(ctx, lambda: tg.eval_val_sliding(model_c, val, h, ctx, tg.token_bytes(val, luts)))
+    val_bytes = torch.ones_like(val, dtype=torch.int32)  # one byte per token: the rates, not the bpb, matter
+    sl_s = timed(ctx, lambda: tg.eval_val_sliding(model_c, val, h, ctx, val_bytes))
     n_win = len(tg.sliding_windows(val.numel() - 1, W, h.EVAL_STRIDE))
     total_win = VAL_TARGETS // h.EVAL_STRIDE
     rows += [("sliding eval (windows/s)", f"{n_win / sl_s:,.0f}"),
@@ -95,9 +94,9 @@ def main():
     state = tg.chunk_ttt_state(model, h, ctx)
     C = h.TTT_CHUNK_TOKENS
     chunk = torch.randint(0, V, (C + W + 1,), device=ctx.device)
-    wins = tg.sliding_windows(C, W, h.EVAL_STRIDE)
+    wins, chunk_bytes = tg.sliding_windows(C, W, h.EVAL_STRIDE), torch.ones_like(chunk, dtype=torch.int32)
     def ttt_chunk():
-        tg.score_windows(model_c, chunk, wins, h, ctx, tg.token_bytes(chunk, luts), tg.BpbMeter(ctx.device), None)
+        tg.score_windows(model_c, chunk, wins, h, ctx, chunk_bytes, tg.BpbMeter(ctx.device), None)
         model.train()
         tg.ttt_train_chunk(model_c, state, chunk, 0, C, h.TTT_LR, h, ctx)
         model.eval()

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from presets_cpu import ROOT, SHAPE, run  # tests/benchmarks is on sys.path when run as a script
+from presets_cpu import ROOT, SHAPE, emit, run  # tests/benchmarks is on sys.path when run as a script
 
 
 def build(args, work: Path) -> dict[str, tuple[Path, Path, dict]]:
@@ -67,10 +67,7 @@ def main():
                      f"{m['byte_sidecar']['bytes'] / (val['tokens'] - val['documents']):.3f} | {r['params']:,} | "
                      f"{r['step_ms']:.0f} | {r['prequant']:.4f} | {r['roundtrip']:.4f} | {r['bytes']:,} | "
                      f"{r['minutes']:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

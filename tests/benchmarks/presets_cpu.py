@@ -92,10 +92,15 @@ def main():
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['preset']} | {r['params']:,} | {r['step_ms']:.0f} | {r['prequant']:.4f} | {r['roundtrip']:.4f} | "
               f"{r['bytes']:,} | {r['minutes']:.1f} |" for r in rows]
+    emit(lines, args.out)
+
+
+def emit(lines: list[str], out: str | None):
+    """Print the Markdown, and write it to `out` if given."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":
