@@ -863,8 +863,7 @@ def test_compare_shows_the_phased_ttt_metric(tmp_path):
     rows = {cells[0]: cells[1:] for line in md[2:] if line.startswith("| ")
             for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
     assert md[0] == "| metric | chunk | lora | Δ |"
-    assert rows["legal TTT bpb"] == [f"{1.88 * BPB_PER_NAT:.8f}", "–", ""]
-    assert rows["phased TTT bpb"] == ["–", f"{1.87 * BPB_PER_NAT:.8f}", ""]
+    assert rows["TTT bpb"] == [f"{1.88 * BPB_PER_NAT:.8f}", f"{1.87 * BPB_PER_NAT:.8f}", f"{-0.01 * BPB_PER_NAT:+.8f}"]
     assert rows["sliding bpb"][1] == "–" and rows["metric"] == ["legal_ttt_exact", "quantized_ttt_phased_exact", ""]
     assert rows["TTT eval time s"] == ["380.0", "401.5", "+21.5"] and rows["eval time s"] == ["512.3", "401.5", "-110.8"]
 
