@@ -43,7 +43,7 @@ RULES = {"progression": (0.0, 0.25, "the rule in force: the organizers' leaderbo
                                     "rows, each better than the previous at p < 0.25"),
          "readme": (0.005, 0.01, "the README's rule: at least 0.005 nats better at p < 0.01")}
 # Settings that differ between seeds of one configuration: the seed itself and output paths (ours, and the
-# #1394 lineage's Hyperparameters: block).
+# #1218 lineage's Hyperparameters: block).
 PER_RUN_HPARAMS = {"SEED", "RUN_ID", "ARTIFACT_PATH", "DUMP_TOKEN_NLL"}
 PER_RUN_CONFIG = {"seed", "run_id", "logfile", "artifact_dir", "model_path", "quantized_model_path"}
 # Every metric a log may claim, best claim first, with its evaluation pass. Sliding and roundtrip score each
@@ -82,7 +82,7 @@ EVAL_ONLY = "an evaluation-only run (EVAL_ARTIFACT={}); a record needs the train
 KV = r"(\w+)[:=] ?(\[[^\]]*\]|\S+)"  # key:value, key: value or key=value; values may be python lists
 CONFIG_LINE = re.compile(rf"(?:{KV}\s*)+")
 CRASH = re.compile(r"Traceback \(most recent call last\)|CUDA out of memory|ChildFailedError")
-HPARAM = re.compile(r" {2}(\w+): ?(.*)")  # the #1394 lineage's Hyperparameters: block
+HPARAM = re.compile(r" {2}(\w+): ?(.*)")  # the #1218 lineage's Hyperparameters: block
 # A metric line: the lineage prefixes some with DIAGNOSTIC/diagnostic (not the claimed score).
 METRIC = re.compile(r"(DIAGNOSTIC |diagnostic )?([A-Za-z][\w \-]*?) (val_loss[:=] ?\S+ val_bpb[:=] ?\S+.*)")
 EXACT = re.compile(r"val_bpb[:=] ?\d+\.\d{8}")  # printed at full precision (8 decimals)
@@ -108,7 +108,7 @@ def kv(text: str) -> dict:
         v = v.rstrip(",")
         if m := re.fullmatch(r"([-+]?\d+(?:\.\d+)?)(ms|s)", v):
             out[f"{k}_{m[2]}"] = _value(m[1])
-        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)m", v):  # minutes (the #1394 lineage's train_time)
+        elif m := re.fullmatch(r"(\d+(?:\.\d+)?)m", v):  # minutes (the #1218 lineage's train_time)
             out[f"{k}_ms"] = round(float(m[1]) * 60_000)
         else:
             out[k] = _value(v)
@@ -117,7 +117,7 @@ def kv(text: str) -> dict:
 
 def _header(text: str, r: dict) -> list[str]:
     """The log lines after the header. A file log holds the script source, the versions + nvidia-smi block
-    and, in the #1394 lineage, a `Hyperparameters:` block (before the source, #1394; with a `Source code:`
+    and, from #1218 on, a `Hyperparameters:` block (before the source, #1218; with a `Source code:`
     banner, #1530), each part between rules. Skip the source (its f-string templates look like log lines),
     fingerprint it and keep the environment; console logs have no rule."""
     lines = text.splitlines()
@@ -190,10 +190,10 @@ def _train_line(r: dict, s: str, line: str) -> bool:
     """Settings, the training curve and what happens during training. True when the line was one of them."""
     if m := re.match(r"step:(\d+)/(\d+) (.*train_time:\d+ms.*)", s):  # a half-written line stays unparsed
         return _step(r, int(m[1]), int(m[2]), kv(m[3]))
-    if m := re.match(r"(\d+)/(\d+) ((?:train|val)_loss: .*)", s):  # #1394 lineage: train_time in minutes
+    if m := re.match(r"(\d+)/(\d+) ((?:train|val)_loss: .*)", s):  # #1218 lineage: train_time in minutes
         return _step(r, int(m[1]), int(m[2]), kv(m[3].replace("tok/s", "tok_s")))
     started = bool(r["train"] or r["val"])
-    if not started and s == "Hyperparameters:":  # the #1394 lineage's settings: indented key: value lines
+    if not started and s == "Hyperparameters:":  # the #1218 lineage's settings: indented key: value lines
         pass
     elif not started and (m := HPARAM.fullmatch(line)):
         r["config"][m[1]] = _value(m[2])
@@ -219,7 +219,7 @@ def _train_line(r: dict, s: str, line: str) -> bool:
         r["gptq"].update({m[1]: int(m[2]), f"{m[1]}_s": float(m[3])})
     elif m := re.match(r"gptq:calibrating with (\d+) batches \((.*)\)", s):
         r["gptq"].update(calibration_batches=int(m[1]), calibration_data=m[2])
-    elif m := re.match(r"GPTQ:collected (\d+) Hessians in ([\d.]+)s", s):  # #1394 lineage: from train shards
+    elif m := re.match(r"GPTQ:collected (\d+) Hessians in ([\d.]+)s", s):  # #1218 lineage: from train shards
         r["gptq"].update(calibrated=int(m[1]), calibrated_s=float(m[2]), calibration_data="training data")
     elif m := re.match(r"calibration_short: (.+)", s):
         r["gptq"]["calibration_short"] = m[1]
@@ -391,7 +391,7 @@ def _finish(r: dict, crashed: bool) -> None:
 def _timings(r: dict) -> None:
     """Step times, when calibration ended, the evaluation time checked and where the evaluation time went."""
     batch = r["config"].get("train_batch_tokens")
-    for p in r["train"]:  # the #1394 lineage logs minutes and a running tok/s: batch / tok/s is the mean step
+    for p in r["train"]:  # the #1218 lineage logs minutes and a running tok/s: batch / tok/s is the mean step
         if "step_avg_ms" not in p and p.get("tok_s") and isinstance(batch, int):
             p["step_avg_ms"] = round(1000 * batch / p["tok_s"], 2)
             p["train_time_ms"] = round(p["step"] * p["step_avg_ms"])
@@ -1150,11 +1150,12 @@ def plot_runs(runs: list[dict], out: Path) -> list[Path]:
         ax.set(xlabel=xlabel, ylabel="mean step time (ms)" if y == "step_avg_ms" else y,
                yscale="log" if y == "train_loss" else "linear", title=fname[:-4].replace("_", " "))
         paths.append(_save(fig, ax, out / fname))
-    return paths + [_plot_eval_parts(runs, out / "eval_time_split.png", plt)]
+    return paths + [_plot_eval_parts(runs, out / "eval_time_split.png")]
 
 
-def _plot_eval_parts(runs: list[dict], path: Path, plt) -> Path:
+def _plot_eval_parts(runs: list[dict], path: Path) -> Path:
     """Stacked bars: each run's evaluation seconds by part; the line is the 600 s budget."""
+    import matplotlib.pyplot as plt  # plot_runs chose the file-only backend
     labels = _long_labels(runs)
     fig, ax = plt.subplots(figsize=(11, 2 + 0.5 * len(runs)), dpi=100)
     left = [0.0] * len(runs)
