@@ -86,6 +86,8 @@ HPARAM = re.compile(r" {2}(\w+): ?(.*)")  # the #1218 lineage's Hyperparameters:
 # A metric line: the lineage prefixes some with DIAGNOSTIC/diagnostic (not the claimed score).
 METRIC = re.compile(r"(DIAGNOSTIC |diagnostic )?([A-Za-z][\w \-]*?) (val_loss[:=] ?\S+ val_bpb[:=] ?\S+.*)")
 EXACT = re.compile(r"val_bpb[:=] ?\d+\.\d{8}")  # printed at full precision (8 decimals)
+# Known lines that carry nothing the tool uses: the settings block's title, global-SGD progress in a pause.
+QUIET = re.compile(r"Hyperparameters:$|tttg: c\d+/\d+ ")
 STAMP = re.compile(r"(?m)^\d{10}\.\d+ ")  # a unix-time prefix (#1610's console logs)
 ERROR = re.compile(r"(?:^|\]:\s*)((?:\w+\.)*\w*(?:Error|Exception)\b.*)")
 
@@ -164,7 +166,7 @@ def parse_log(text: str) -> dict:
         crashed = crashed or bool(CRASH.search(s))
         if crashed and not stated and (m := ERROR.search(s)):
             r["error"] = m[1]
-        if _train_line(r, s, line) or _result_line(r, s) or _ttt_line(r, s):
+        if _train_line(r, s, line) or _result_line(r, s) or _ttt_line(r, s) or QUIET.match(s):
             continue
         if m := re.match(r"(rank \d+: )?error: (\S.*)", s):  # our crash handler; other ranks prefix it
             crashed = True
@@ -192,10 +194,7 @@ def _train_line(r: dict, s: str, line: str) -> bool:
         return _step(r, int(m[1]), int(m[2]), kv(m[3]))
     if m := re.match(r"(\d+)/(\d+) ((?:train|val)_loss: .*)", s):  # #1218 lineage: train_time in minutes
         return _step(r, int(m[1]), int(m[2]), kv(m[3].replace("tok/s", "tok_s")))
-    started = bool(r["train"] or r["val"])
-    if not started and s == "Hyperparameters:":  # the #1218 lineage's settings: indented key: value lines
-        pass
-    elif not started and (m := HPARAM.fullmatch(line)):
+    if not (r["train"] or r["val"]) and (m := HPARAM.fullmatch(line)):  # the #1218 lineage's settings
         r["config"][m[1]] = _value(m[2])
     elif m := re.match(r"hparam:(\w+)=(.*)", s):
         r["hparams"][m[1]] = _value(m[2])
@@ -302,8 +301,6 @@ def _ttt_line(r: dict, s: str) -> bool:
         _pause(r["ttt"].setdefault("pauses", []), m[1] == "p", int(m[2] or 1), int(m[3] or 1), kv(m[4]))
     elif m := re.match(r"(?:ttp: b?|ttt_progress: batch )(\d+)/(\d+) (.*)", s):  # rl/rb: the rank's so far
         r["ttt"].setdefault("batches", []).append({"batch": int(m[1]), "of": int(m[2]), **kv(m[3])})
-    elif re.match(r"tttg: c\d+/\d+ ", s):  # global SGD progress inside a pause: its time is the pause's
-        r["ttt"]["sgd_chunks"] = r["ttt"].get("sgd_chunks", 0) + 1
     else:
         return False
     return True
