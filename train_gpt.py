@@ -224,8 +224,14 @@ PR2014 = PR1953 | dict(TRAIN_SEQ_LEN=3072, TRAIN_SEQ_SCHEDULE="1024@0.1,2048@0.7
 PR2135 = PR1945 | dict(AWQ_LITE_GROUP_TOP_K=0, MATRIX_LR=0.028, GPTQ_CALIB_BATCHES=32, LQER_ASYM_GROUP=32,
                        EVAL_SEQ_LEN=2560, TTT_EVAL_SEQ_LEN=2560, TTT_LORA_LR=8e-5, TTT_WEIGHT_DECAY=2.0,
                        TTT_K_LORA=False, PHASED_TTT_NUM_PHASES=1)
+# The CPU demo (README: Quick start): the default stack, CPU-sized, minutes on the shipped data/sample.
+DEMO = dict(DATA_PATH="./data/sample", TOKENIZER_PATH="./data/sample/fineweb_1024_bpe.model", NUM_LAYERS=4,
+            MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, XSA_LAST_N=2, VE_LAYERS="2,3", TRAIN_SEQ_LEN=256,
+            EVAL_SEQ_LEN=256, TRAIN_BATCH_TOKENS=8192, WARMUP_STEPS=2, WARMDOWN_ITERS=0, WARMDOWN_FRAC=0.4,
+            MUON_MOMENTUM_WARMUP_STEPS=50, MAX_WALLCLOCK_SECONDS=180.0, EMA_DECAY=0.95, VAL_LOSS_EVERY=100,
+            TRAIN_LOG_EVERY=25, TTT_CHUNK_TOKENS=16384)
 PRESETS = {"pr549": {}, "sp8192": SP8192, "pr1855": PR1855, "pr1945": PR1945, "pr1953": PR1953,
-           "pr2014": PR2014, "pr2135": PR2135}  # pr549: the defaults
+           "pr2014": PR2014, "pr2135": PR2135, "demo": DEMO}  # pr549: the defaults
 # An unknown env var is refused when it is a typo of a setting, or starts with a setting's first word
 # (TTT_GRAD_STEPS) but not one other tools use too (NUM_THREADS, MAX_JOBS), or a lineage prefix we lack.
 SHARED_PREFIXES = ("NUM_", "MAX_", "MIN_", "DATA_", "RUN_", "MODEL_", "ENABLE_", "SIZE_")

@@ -64,7 +64,7 @@ def test_each_preset_resolves_to_its_records_values(preset):
     h = tg.Hyperparameters({"PRESET": preset})
     assert {k: getattr(h, k) for k in RECORDS[preset]} == RECORDS[preset]
     assert h.rope_base == 10000.0 and sum(p.numel() for p in tg.GPT(h).parameters()) == count_params_from_shapes(h)
-    assert set(tg.PRESETS) == {"pr549", *RECORDS}
+    assert set(tg.PRESETS) == {"pr549", "demo", *RECORDS}  # demo: tests/test_demo.py
 
 
 def test_rope_past_the_training_length_keeps_the_first_positions():
@@ -334,20 +334,16 @@ def test_frontier_preset_trains_switches_the_loop_and_evaluates(tiny_tokenizer, 
     assert abs(metric(log, "final_int6_roundtrip_exact")[1] - post_ema) < 0.01  # reloaded looped, as calibrated
 
 
-SHARED_TEXT = ROOT.parent / "shared" / "data" / "text"
-
-
-@pytest.mark.skipif(not SHARED_TEXT.is_dir(), reason="no ../shared/data/text next to this checkout")
 def test_frontier_preset_learns_real_text(tmp_path):
-    """PRESET=sp8192 with its own 8192 tokenizer trained on the real FineWeb sample (../shared, where present):
+    """PRESET=sp8192 with its own 8192 tokenizer trained on the real FineWeb sample shipped in data/sample:
     val_bpb on held-out real documents falls within 30 small steps."""
     sys.path.insert(0, str(ROOT / "data"))
     import build_shards
-    text = sorted(map(str, SHARED_TEXT.glob("*.jsonl")))
-    val = [t for t in text if "val" in t]
-    assert val and build_shards.main(
-        ["--input", *[t for t in text if t not in val], "--val-input", *val, "--val-docs", "8", "--no-progress",
-         "--tokenizer", str(tmp_path / "sp8192.model"), "--train-tokenizer", "8192", "--output", str(tmp_path / "data")]) == 0
+    sample = ROOT / "data" / "sample"
+    assert build_shards.main(
+        ["--input", str(sample / "train.jsonl"), "--val-input", str(sample / "val.jsonl"), "--val-docs", "8",
+         "--no-progress", "--tokenizer", str(tmp_path / "sp8192.model"), "--train-tokenizer", "8192",
+         "--output", str(tmp_path / "data")]) == 0
     env = dict(PRESET="sp8192", DATA_PATH=str(tmp_path / "data"), TOKENIZER_PATH=str(tmp_path / "sp8192.model"),
                NUM_LAYERS=5, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, XSA_LAST_N=5, LOOP_START=1, LOOP_END=2,
                PARALLEL_START_LAYER=3, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128, EVAL_STRIDE=128, TRAIN_BATCH_TOKENS=2048,
