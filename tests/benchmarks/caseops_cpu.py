@@ -14,15 +14,12 @@ prints a Markdown table. CPU scale is a proxy: a few million tokens, a 128-wide 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-from presets_cpu import ROOT, SHAPE, emit, run  # tests/benchmarks is on sys.path when run as a script
+from presets_cpu import ROOT, SHAPE, emit, machine, run  # tests/benchmarks is on sys.path when run as a script
 
 
 def build(args, work: Path) -> dict[str, tuple[Path, Path, dict]]:
@@ -53,8 +50,7 @@ def main():
     data = build(args, work)
     rows = [(run("sp8192", d, tok, 8192, args.steps, work, name), m) for name, (d, tok, m) in data.items()]
     tokens = args.steps * SHAPE["TRAIN_BATCH_TOKENS"]
-    lines = [f"# SP8192 vs SP8192 + CaseOps at CPU scale ({platform.node()}, {os.cpu_count()} cores, "
-             f"{datetime.date.today()})", "",
+    lines = [f"# SP8192 vs SP8192 + CaseOps at CPU scale ({machine()})", "",
              f"PRESET=sp8192 on each, the same text, {args.steps} steps x {SHAPE['TRAIN_BATCH_TOKENS']} tokens = "
              f"{tokens:,} training tokens; shape {', '.join(f'{k}={v}' for k, v in SHAPE.items())}. Both charge "
              "bpb from a byte sidecar: the validation documents' original UTF-8 bytes (the scored cut drops "

@@ -10,7 +10,6 @@ between two lines, and the log without its hparam: lines.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import re
@@ -20,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from presets_cpu import emit
+from presets_cpu import emit, machine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,8 +49,7 @@ def main():
     assert proc.wait() == 0, "\n".join(line for _, line in stamped[-20:])
     times = [0.0] + [t for t, _ in stamped]
     import torch
-    machine = f"{platform.node()}, {os.cpu_count()} cores, {datetime.date.today()}"
-    lines = [f"# README's demo on CPU ({machine})", "",
+    lines = [f"# README's demo on CPU ({machine()})", "",
              f"`{cmd}` (README, Quick start), from a scratch folder shaped like the checkout; Python "
              f"{platform.python_version()}, torch {torch.__version__}.", "",
              f"- wall time: {wall:.0f} s ({wall / 60:.1f} min); longest silence between two lines: "

@@ -83,8 +83,7 @@ def main():
     data = build(args, work)
     rows = [run("pr549", *data["sp1024"], args.steps, work), run("sp8192", *data["sp8192"], args.steps, work)]
     tokens = args.steps * SHAPE["TRAIN_BATCH_TOKENS"]
-    lines = [f"# PRESET=pr549 vs PRESET=sp8192 at CPU scale ({platform.node()}, {os.cpu_count()} cores, "
-             f"{datetime.date.today()})", "",
+    lines = [f"# PRESET=pr549 vs PRESET=sp8192 at CPU scale ({machine()})", "",
              f"Same text, {args.steps} steps x {SHAPE['TRAIN_BATCH_TOKENS']} tokens = {tokens:,} training tokens each; "
              f"shape {', '.join(f'{k}={v}' for k, v in SHAPE.items())}; the rest is each preset's. "
              "val_bpb counts the same validation bytes for both tokenizers. A CPU-scale proxy, not the 8xH100 result.",
@@ -93,6 +92,11 @@ def main():
     lines += [f"| {r['preset']} | {r['params']:,} | {r['step_ms']:.0f} | {r['prequant']:.4f} | {r['roundtrip']:.4f} | "
               f"{r['bytes']:,} | {r['minutes']:.1f} |" for r in rows]
     emit(lines, args.out)
+
+
+def machine() -> str:
+    """Where and when a result was measured, for its heading."""
+    return f"{platform.node()}, {os.cpu_count()} cores, {datetime.date.today()}"
 
 
 def emit(lines: list[str], out: str | None):

@@ -19,6 +19,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from presets_cpu import emit  # tests/benchmarks is on sys.path when run as a script
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "records"))
 import tool  # noqa: E402
 
@@ -54,10 +56,7 @@ def main() -> None:
                      if f.is_dir() and f.name >= a.since)
     lines = ["| folder | seed logs | claimed metric | mean val_bpb | submission.json | max eval s | unparsed lines "
              "| check | failed rules |", "|" + "---|" * 9] + [row(f) for f in folders]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":
