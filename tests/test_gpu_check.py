@@ -17,7 +17,6 @@ GC_PATH = ROOT / "tests" / "benchmarks" / "gpu_check.py"
 spec = importlib.util.spec_from_file_location("gpu_check", GC_PATH)
 gc = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gc)
-gc.tg, gc.torch = tg, torch  # what run_part imports in a part's process
 THEIRS = gc.PREPARED / "pr549" / "train_gpt.py"
 
 

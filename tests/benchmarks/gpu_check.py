@@ -48,7 +48,13 @@ import traceback
 import types
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
 PREPARED = ROOT / ".gpu_check"
 PR549_RECORD = "records/track_10min_16mb/2026-03-23_LeakyReLU_LegalTTT_ParallelMuon/train_gpt.py"
 PR549_SHA256 = "41beffa45d9c8643eee871e869b8314801372ec2ad153a7d21ffbd2e056fce02"
@@ -63,10 +69,7 @@ TINY = dict(seqs=2, steps=3, windows=16, chunks=3, docs=24, doc_mean=48, calib=2
 TINY_SHAPE = dict(MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128,
                   TTT_EVAL_SEQ_LEN=128, EVAL_BATCH_SEQS=8, TTT_CHUNK_TOKENS=512, TTT_BATCH_SEQS=4,
                   TTT_BATCH_SIZE=4, GLOBAL_TTT_CHUNK_TOKENS=512, GLOBAL_TTT_BATCH_SEQS=4)
-PARTS = ("train_pr549", "train_sp8192", "train_theirs", "eval_pr549", "lora_sp8192", "quant_pr549",
-         "quant_sp8192")
 TIMED_LIMIT = 150  # seconds a part may take once it is told to go
-RATIO = "ms per step, for the ours/theirs ratio"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,11 +113,11 @@ class Part:
             torch.cuda.empty_cache()  # hold only live tensors while the others warm up
         if self.work is not None:
             (self.work / f"{self.name}.ready").touch()
-        go = self.work / f"{self.name}.go" if self.work else None
-        while go and not go.exists():
-            time.sleep(0.1)
-        if go and go.read_text():
-            self.row("timed while others compiled", go.read_text())
+            go = self.work / f"{self.name}.go"
+            while not go.exists():
+                time.sleep(0.1)
+            if go.read_text():
+                self.row("timed while others compiled", go.read_text())
         self.graphs = graphs()
 
     def end(self):
@@ -156,11 +159,12 @@ def step_ms(fn, ctx, n: int) -> list[float]:
     return [a.elapsed_time(b) for a, b in ev]
 
 
-def first_call_s(fn, ctx) -> float:
+def timed(fn, ctx):
+    """(fn(), its seconds, the GPU's work included)"""
     t = time.perf_counter()
-    fn()
+    out = fn()
     ctx.sync()
-    return time.perf_counter() - t
+    return out, time.perf_counter() - t
 
 
 def graphs() -> int:
@@ -180,13 +184,18 @@ def step_flops(model, h, tokens: int) -> float:
     return 6 * tokens * dense + 6 * len(order) * tokens * h.TRAIN_SEQ_LEN * h.MODEL_DIM
 
 
-def report_steps(part: Part, label: str, ms: list[float], flops: float, tokens: int, ctx):
+def time_steps(part: Part, label: str, step, ctx, tokens: int, flops: float | None = None) -> float:
+    """Times part.n["steps"] steps: median and mean ms, tokens/s, MFU (given the FLOPs), peak memory."""
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ms = step_ms(step, ctx, part.n["steps"])
     med = statistics.median(ms)
     part.row(f"{label} step ms (median of {len(ms)}; mean)", f"{med:.2f}; {statistics.mean(ms):.2f}")
     part.row(f"{label} tokens/s", f"{tokens / med * 1000:,.0f}")
-    tflops = flops / med / 1e9
-    mfu = 100 * tflops / PEAK_TFLOPS
-    part.row(f"{label} model TFLOP/s (MFU at {PEAK_TFLOPS:.0f})", f"{tflops:.1f} ({mfu:.1f}%)")
+    if flops:
+        tflops = flops / med / 1e9
+        mfu = 100 * tflops / PEAK_TFLOPS
+        part.row(f"{label} model TFLOP/s (MFU at {PEAK_TFLOPS:.0f})", f"{tflops:.1f} ({mfu:.1f}%)")
     if ctx.cuda:
         part.row(f"{label} peak memory MiB", torch.cuda.max_memory_allocated() // 2**20)
     return med
@@ -208,23 +217,19 @@ def train_ours(part: Part, preset: str):
     for looping in states:
         model.looping = looping
         label = "looped" if looping else "plain"
-        part.row(f"{label} first step s (compile)", f"{first_call_s(step, ctx):.1f}")
+        part.row(f"{label} first step s (compile)", f"{timed(step, ctx)[1]:.1f}")
         step()
     part.row("compiled graphs", graphs())
     part.gate(ctx)
     med = {}
     for looping in states:
         model.looping = looping
-        if ctx.cuda:
-            torch.cuda.reset_peak_memory_stats()
         label = "looped" if looping else "plain"
-        med[looping] = report_steps(part, label, step_ms(step, ctx, part.n["steps"]),
-                                    step_flops(model, h, tokens), tokens, ctx)
+        med[looping] = time_steps(part, label, step, ctx, tokens, step_flops(model, h, tokens))
     train_ms = 1000 * (h.MAX_WALLCLOCK_SECONDS - h.GPTQ_RESERVE_SECONDS)
     share = h.ENABLE_LOOPING_AT if h.NUM_LOOPS else 1.0  # of the training time spent unlooped
     steps = share * train_ms / med[False] + (1 - share) * train_ms / med.get(True, med[False])
     part.row(f"steps in {train_ms / 1000:.0f} s at this step time (8 GPUs, no collectives)", f"{steps:,.0f}")
-    part.row(RATIO, f"{med[False]:.3f}")
     part.end()
 
 
@@ -242,7 +247,7 @@ def sdpa_as_fa3():
 
 
 def their_model(mod, ctx):
-    """PR #549's model and optimizers as its main() builds them; returns (model, compiled, step fn)."""
+    """PR #549's model and optimizers as its main() builds them: (the model, its step)."""
     a = mod.Hyperparameters()
     args = inspect.signature(mod.GPT).parameters  # its main() passes each from the setting of that name
     m = mod.GPT(**{n: getattr(a, "dtg_enabled" if n == "dtg" else n) for n in args}).to(ctx.device).bfloat16()
@@ -311,19 +316,11 @@ def train_theirs(part: Part):
     spec.loader.exec_module(mod)
     model, step = their_model(mod, ctx)
     part.row("params", f"{sum(p.numel() for p in model.parameters()):,}")
-    part.row("first step s (compile)", f"{first_call_s(step, ctx):.1f}")
+    part.row("plain first step s (compile)", f"{timed(step, ctx)[1]:.1f}")
     step()
     part.row("compiled graphs", graphs())
     part.gate(ctx)
-    if ctx.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    ms = step_ms(step, ctx, part.n["steps"])
-    med = statistics.median(ms)
-    part.row(f"step ms (median of {len(ms)}; mean)", f"{med:.2f}; {statistics.mean(ms):.2f}")
-    part.row("tokens/s", f"{part.n['seqs'] * h.TRAIN_SEQ_LEN / med * 1000:,.0f}")
-    if ctx.cuda:
-        part.row("peak memory MiB", torch.cuda.max_memory_allocated() // 2**20)
-    part.row(RATIO, f"{med:.3f}")
+    time_steps(part, "plain", step, ctx, part.n["seqs"] * h.TRAIN_SEQ_LEN)  # same FLOPs as ours: same model
     part.end()
 
 
@@ -350,16 +347,16 @@ def eval_pr549(part: Part):
     warm = random_val(2 * C + 1, h.VOCAB_SIZE, ctx.device)
     slide = lambda val: tg.eval_val_sliding(model_c, val[0], h, ctx, val[1])  # noqa: E731
     run_ttt = lambda val: tg.eval_val_ttt(model, model_c, val[0], h, ctx, val[1], time.perf_counter())  # noqa
-    part.row("sliding warm-up s (compile)", f"{first_call_s(lambda: slide(warm), ctx):.1f}")
-    part.row("chunk TTT warm-up s (compile)", f"{first_call_s(lambda: run_ttt(warm), ctx):.1f}")
+    part.row("sliding warm-up s (compile)", f"{timed(lambda: slide(warm), ctx)[1]:.1f}")
+    part.row("chunk TTT warm-up s (compile)", f"{timed(lambda: run_ttt(warm), ctx)[1]:.1f}")
     part.row("compiled graphs", graphs())
     part.gate(ctx)
-    s = first_call_s(lambda: slide(sliding), ctx)
+    s = timed(lambda: slide(sliding), ctx)[1]
     rate = part.n["windows"] / s
     full = VAL_TARGETS[h.VOCAB_SIZE] // S / WORLD / rate
     part.row(f"sliding windows/s, rank 0 ({W} tokens, stride {S})", f"{rate:,.0f}")
     part.row("sliding, full split on 8 GPUs (s)", f"{full:.1f}")
-    s = first_call_s(lambda: run_ttt(ttt), ctx)
+    s = timed(lambda: run_ttt(ttt), ctx)[1]
     tokens = part.n["chunks"] * C
     part.row(f"chunk TTT tokens/s, all ranks ({part.n['chunks']} chunks of {C}, {h.TTT_EPOCHS} epochs)",
              f"{tokens / s:,.0f}")
@@ -370,7 +367,6 @@ def eval_pr549(part: Part):
 def sample_doc_lengths(n: int, mean: float, seed: int = 0):
     """n document lengths (targets) drawn from the shipped sample's validation documents, scaled so that
     their mean is `mean` (the full split's): the real shape of the distribution at the split's mean."""
-    import numpy as np
     toks = torch.from_numpy(tg.read_shard(str(ROOT / "data/sample/fineweb_val_000000.bin")).astype("int64"))
     real = tg.find_docs(toks)[:, 1]
     picked = np.random.default_rng(seed).choice(real, n)
@@ -397,7 +393,7 @@ def lora_sp8192(part: Part):
     val, val_bytes = doc_stream(lengths, h.VOCAB_SIZE, ctx.device)
     run = tg.LoraTTT(model, model_c, val, h, ctx, val_bytes, None)
     part.row("warm-up s (compile: rows " + ",".join(map(str, run.lengths)) + ", the pause)",
-             f"{first_call_s(lambda: run.warmup(pauses=True), ctx):.1f}")
+             f"{timed(lambda: run.warmup(pauses=True), ctx)[1]:.1f}")
     part.row("compiled graphs", graphs())
     part.gate(ctx)
     _, _, s = tg.eval_val_ttt_lora(model, model_c, val, h, ctx, val_bytes)
@@ -413,61 +409,52 @@ def quant(part: Part, preset: str):
     h, ctx = part.setup(preset)
     model = trained_looking(tg.build_model(h, ctx))
     model.looping = h.NUM_LOOPS > 0
-    t = time.perf_counter()
-    estimate = tg.estimate_gptq_ms(model, h, ctx)
-    part.row("the run's GPTQ estimate (ms, identity Hessians; s to make it)",
-             f"{estimate:.0f}; {time.perf_counter() - t:.1f}")
+    estimate, s = timed(lambda: tg.estimate_gptq_ms(model, h, ctx), ctx)
+    part.row("the run's GPTQ estimate (ms, identity Hessians; s to make it)", f"{estimate:.0f}; {s:.1f}")
     batches, h.GPTQ_CALIB_BATCHES = h.GPTQ_CALIB_BATCHES, min(part.n["calib"], h.GPTQ_CALIB_BATCHES)
-    clock, hess, entries = tg.Clock(ctx), {}, {}
-    loader = RandomLoader(h.VOCAB_SIZE, ctx.device)
+    clock, loader = tg.Clock(ctx), RandomLoader(h.VOCAB_SIZE, ctx.device)
     clock.start()
     with tg.fp32_matmuls():
-        s = first_call_s(lambda: hess.update(tg.collect_hessians(model, loader, h, ctx, clock,
-                                                                 tg.Budget(h, estimate))), ctx)
+        budget = tg.Budget(h, estimate)
+        hess, s = timed(lambda: tg.collect_hessians(model, loader, h, ctx, clock, budget), ctx)
         per = s / h.GPTQ_CALIB_BATCHES
         part.row(f"Hessians s per batch of {part.n['seqs']}x{h.TRAIN_SEQ_LEN}; at {batches} batches",
                  f"{per:.3f}; {per * batches:.1f}")
-        solve = first_call_s(lambda: entries.update(tg.quantize_state(model, hess, h, ctx)), ctx)
+        entries, solve = timed(lambda: tg.quantize_state(model, hess, h, ctx), ctx)
     part.row("GPTQ solve s (real Hessians)", f"{solve:.1f}")
     part.row(f"calibration + solve vs GPTQ_RESERVE_SECONDS={h.GPTQ_RESERVE_SECONDS:.0f}",
              f"{per * batches + solve:.1f} s")
-    raw, code = tg.code_sizes()
-    blob = []
-    s = first_call_s(lambda: blob.append(tg.fit_artifact(entries, tg.model_config(h), {}, code,
-                                                         h.SIZE_CAP_BYTES, ctx)), ctx)
+    _, code = tg.code_sizes()
+    config = tg.model_config(h)
+    blob, s = timed(lambda: tg.fit_artifact(entries, config, {}, code, h.SIZE_CAP_BYTES, ctx), ctx)
     part.row("pack and fit under the cap s (untrained weights)", f"{s:.1f}")
-    part.row("artifact bytes: model + code = total", f"{len(blob[0]):,} + {code:,} = {len(blob[0]) + code:,}")
+    part.row("artifact bytes: model + code = total", f"{len(blob):,} + {code:,} = {len(blob) + code:,}")
+
+
+# name: (what runs in its process, its report's title), in the order they are timed
+PARTS = {
+    "train_pr549": (lambda p: train_ours(p, "pr549"), "PRESET=pr549, our step at the per-rank shape"),
+    "train_sp8192": (lambda p: train_ours(p, "sp8192"),
+                     "PRESET=sp8192, our step at the per-rank shape, unlooped and looped"),
+    "train_theirs": (train_theirs, "PR #549's record script, its step at the same shape"),
+    "eval_pr549": (eval_pr549, "PRESET=pr549 evaluation: sliding windows and chunk TTT, as rank 0 of 8"),
+    "lora_sp8192": (lora_sp8192, "PRESET=sp8192 LoRA TTT with its pauses, as rank 0 of 8"),
+    "quant_pr549": (lambda p: quant(p, "pr549"), "PRESET=pr549 Hessians, GPTQ and the cap fit at full size"),
+    "quant_sp8192": (lambda p: quant(p, "sp8192"),
+                     "PRESET=sp8192 Hessians, GPTQ and the cap fit at full size"),
+}
 
 
 def run_part(name: str, work: Path | None, dry: bool, compile_: bool):
-    global torch, tg
-    import torch
-    sys.path.insert(0, str(ROOT))
-    import train_gpt as tg
-    part = Part(name, work, dry, compile_)
     if dry:
         torch.set_num_threads(1)  # the parts share the CPUs
-    if name.startswith("train_") and name != "train_theirs":
-        train_ours(part, name.split("_")[1])
-    elif name.startswith("quant_"):
-        quant(part, name.split("_")[1])
-    else:
-        {"train_theirs": train_theirs, "eval_pr549": eval_pr549, "lora_sp8192": lora_sp8192}[name](part)
+    PARTS[name][0](Part(name, work, dry, compile_))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The parent: starts every part, lets each time alone, writes the report after each
 # ---------------------------------------------------------------------------------------------------------
 
-TITLES = {
-    "train_pr549": "PRESET=pr549, our step at the per-rank shape",
-    "train_sp8192": "PRESET=sp8192, our step at the per-rank shape, unlooped and looped",
-    "train_theirs": "PR #549's record script, its step at the same shape",
-    "eval_pr549": "PRESET=pr549 evaluation: sliding windows and chunk TTT, as rank 0 of 8",
-    "lora_sp8192": "PRESET=sp8192 LoRA TTT with its pauses, as rank 0 of 8",
-    "quant_pr549": "PRESET=pr549 Hessians, GPTQ and the cap fit at full size",
-    "quant_sp8192": "PRESET=sp8192 Hessians, GPTQ and the cap fit at full size",
-}
 RESERVE_PER_PART = 45  # seconds kept for each ready part's timing: past that, no more waiting on compiles
 
 
@@ -475,12 +462,12 @@ def schedule(names: list[str], work: Path, args, deadline: float, write) -> dict
     """Starts the parts; when none is compiling (or time is short), tells the first ready one to go and
     waits for it; returns each part's outcome."""
     flags = ["--dry-run"] * args.dry_run + ["--compile"] * args.compile
-    procs = {}
+    procs, logs = {}, {n: open(work / f"{n}.log", "a") for n in names}
     for n in names:
         for stale in (".ready", ".go", ".json"):
             (work / f"{n}{stale}").unlink(missing_ok=True)
         procs[n] = subprocess.Popen([sys.executable, __file__, "--part", n, "--work", str(work), *flags],
-                                    cwd=work, stdout=open(work / f"{n}.log", "a"), stderr=subprocess.STDOUT,
+                                    cwd=work, stdout=logs[n], stderr=subprocess.STDOUT,
                                     env=os.environ | {"PYTHONUNBUFFERED": "1"})
     status, pending = {}, list(names)
     while pending and time.monotonic() < deadline:
@@ -508,13 +495,13 @@ def schedule(names: list[str], work: Path, args, deadline: float, write) -> dict
     for n in pending:
         procs[n].kill()
         status[n] = "not timed: out of time"
-    for p in procs.values():
+    for n, p in procs.items():
         p.wait()
+        logs[n].close()
     return status
 
 
 def device_facts(dry: bool) -> dict:
-    import torch
     facts = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}
     if not torch.cuda.is_available():
         return facts | {"device": "CPU" + " (dry run)" * dry, "slug": "cpu_dry_run" if dry else "cpu"}
@@ -537,13 +524,13 @@ PROJECTIONS = (("train_pr549", "steps in"), ("train_sp8192", "steps in"), ("eval
 
 def render(names: list[str], status: dict, work: Path, facts: dict, args, wall: float) -> str:
     rows = {n: json.loads(read(work / f"{n}.json") or "[]") for n in names}
-    value = {n: dict(r) for n, r in rows.items()}
     head = [f"# GPU check: {facts['device']}, {datetime.date.today()}", "",
             "; ".join(f"{k} {v}" for k, v in facts.items() if k not in ("device", "slug")) + ".",
             f"Command: `python3 tests/benchmarks/gpu_check.py {' '.join(sys.argv[1:])}` ({wall:.0f} s "
             f"wall, budget {args.budget:.0f} s). Each part is one process: all compile at once, then each "
             f"is timed alone."]
-    ours, theirs = value.get("train_pr549", {}).get(RATIO), value.get("train_theirs", {}).get(RATIO)
+    ours, theirs = (next((v.split(";")[0] for k, v in rows.get(n, []) if k.startswith("plain step ms")), None)
+                    for n in ("train_pr549", "train_theirs"))
     if ours and theirs:
         head.append(f"\n**ours/theirs (PR #549's record script), per-rank step: "
                     f"{float(ours) / float(theirs):.3f}** ({float(ours):.2f} ms / {float(theirs):.2f} ms)")
@@ -551,7 +538,7 @@ def render(names: list[str], status: dict, work: Path, facts: dict, args, wall: 
                  for k, v in rows.get(n, []) if k.startswith(start)]
     body = ["", "## Projections to 8xH100 (600 s of training, 600 s of evaluation)", "", *projected]
     for n in names:
-        body += ["", f"## {n}: {TITLES[n]}", "", f"Outcome: {status.get(n, 'not run')}.", "",
+        body += ["", f"## {n}: {PARTS[n][1]}", "", f"Outcome: {status.get(n, 'not run')}.", "",
                  "| measure | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows[n])]
     caveats = ["", "## Caveats", "",
                "- One GPU: the 8-GPU numbers leave out the collectives (gradient reduce-scatter/all-gather,"
