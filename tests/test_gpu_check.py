@@ -55,6 +55,8 @@ def test_dry_run_measures_every_part(tmp_path):
     outcomes = {k: v[0] for k, v in parts.items()}
     assert outcomes == dict.fromkeys(gc.PARTS, "done") | (
         {} if THEIRS.exists() else {"train_theirs": "skipped: nothing to time"}), outcomes
+    caveats = report.read_text().split("## Caveats")[1]  # the device's own: a dry run's, no H200's
+    assert "- A dry run: tiny shapes on the CPU." in caveats and "H200" not in caveats
     projected = re.findall(r"^- (\w+): (.+?): ", report.read_text().split("## Projections")[1], re.M)
     assert len(projected) == len(gc.PROJECTIONS)
     assert all(n == part and k.startswith(start) for (n, k), (part, start) in zip(projected, gc.PROJECTIONS))

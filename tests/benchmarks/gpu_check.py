@@ -546,11 +546,14 @@ def render(names: list[str], status: dict, work: Path, facts: dict, args, wall: 
                "- Random tokens (validation lengths from data/sample for LoRA TTT); untrained weights"
                " (output projections drawn at std 0.02) for GPTQ and the codecs, whose bytes differ from a"
                " trained model's.",
-               "- An H200 has the H100's bf16 peak (989 TFLOP/s dense) and ~1.4x its memory bandwidth:"
-               " memory-bound kernels run faster here than on the competition's H100s.",
                "- A step is forward, backward and the optimizers, for both scripts; the EMA update both"
                " runs also make each step is left out of both.",
                "- Compile times were taken with every part compiling at once on the same CPUs."]
+    caveats += {"h200": ["- An H200 has the H100's bf16 peak (989 TFLOP/s dense) and ~1.4x its memory"
+                         " bandwidth: memory-bound kernels run faster here than on the competition's H100s."],
+                "cpu_dry_run": ["- A dry run: tiny shapes on the CPU. It shows that every part runs and which"
+                                " graphs compile; its times and projections say nothing about a GPU."]
+                }.get(facts["slug"], [])
     return "\n".join(head + body + caveats) + "\n"
 
 
