@@ -67,8 +67,12 @@ def test_dry_run_measures_every_part(tmp_path):
             assert number(row(rows, f"{s} step ms")) > 0 and number(row(rows, f"{s} tokens/s")) > 0
             assert "%" in row(rows, f"{s} model TFLOP/s")
         assert number(row(rows, "steps in 588 s")) > 0
-    # looped: 17 layer passes, not 11
-    assert number(row(sp8192, "looped step ms")) > number(row(sp8192, "plain step ms"))
+    # the looped step is timed with the loop on (sp8192: 17 layer passes, not 11); pr549 never loops
+    h = tg.Hyperparameters(dict(PRESET="sp8192"))
+    looped = h.NUM_LAYERS + h.NUM_LOOPS * (h.LOOP_END - h.LOOP_START + 1)
+    assert number(row(sp8192, "looped layer passes")) == looped > h.NUM_LAYERS
+    plain = number(row(sp8192, "plain layer passes"))
+    assert plain == h.NUM_LAYERS == number(row(pr549, "plain layer passes"))
     ev, lora = parts["eval_pr549"][1], parts["lora_sp8192"][1]
     for measure in ("sliding windows/s", "sliding, full", "chunk TTT tokens/s", "chunk TTT, full"):
         assert number(row(ev, measure)) > 0

@@ -218,6 +218,7 @@ def train_ours(part: Part, preset: str):
         model.looping = looping
         label = "looped" if looping else "plain"
         part.row(f"{label} first step s (compile)", f"{timed(step, ctx)[1]:.1f}")
+        part.row(f"{label} layer passes", len(model.order()))
         step()
     part.row("compiled graphs", graphs())
     part.gate(ctx)
